@@ -1,0 +1,95 @@
+"""Capture the residual stream entering every decoder layer, at the last real token of each sample.
+
+x^(l) (l = 0..L-1) is the input of decoder layer l, read by a forward pre-hook; x^(L) is the
+output of the last decoder layer, read by a forward hook, i.e. *before* the final norm. This is
+why `output_hidden_states` is not used: its last entry is after the final norm (NOTES.md).
+
+Only the last-token vectors are kept, (L+1) x N x d in fp32, never every position of every layer;
+the forward runs the bare transformer (no LM head, no logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from layerprune.batching import batches, pad_token_id
+from layerprune.models import base_model, decoder_layers
+
+STATES_FILE = "states.safetensors"
+Progress = Callable[[int, int], None]  # (samples done, samples total)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_side: str = "right",
+                      pad_id: int = 0, progress: Progress | None = None,
+                      show_bar: bool = True) -> torch.Tensor:
+    """(L+1, N, d) fp32 tensor: x^(l) at the last real token of each of the N samples."""
+    layers = decoder_layers(model)
+    n_layers, n = len(layers), len(ids)
+    device = next(model.parameters()).device
+    states: torch.Tensor | None = None
+    current: dict = {}
+
+    def store(index: int, hidden: torch.Tensor) -> None:
+        nonlocal states
+        if states is None:
+            states = torch.empty(n_layers + 1, n, hidden.shape[-1], dtype=torch.float32)
+        b = current["batch"]
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), b.last]
+        states[index, b.rows] = picked.float().cpu()
+
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: store(i, _hidden(args, kwargs)), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    handles.append(layers[-1].register_forward_hook(
+        lambda mod, args, out: store(n_layers, _output(out))))
+    body = base_model(model)
+    done = 0
+    bar = tqdm(total=n, desc="hidden states", unit="sample", disable=not show_bar)
+    try:
+        for batch in batches(ids, batch_size, pad_id, padding_side, device):
+            current["batch"] = batch
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False)
+            done += len(batch.rows)
+            bar.update(len(batch.rows))
+            if progress:
+                progress(done, n)
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    assert states is not None
+    return states
+
+
+def extract(loaded, ids: list[list[int]], out_dir: str | Path, batch_size: int = 8,
+            padding_side: str = "right", progress: Progress | None = None) -> dict:
+    """Capture states for the calibration ids and save them as `states.safetensors`."""
+    states = last_token_states(loaded.model, ids, batch_size, padding_side,
+                               pad_token_id(loaded.tokenizer), progress)
+    save_file({"states": states.contiguous()}, str(Path(out_dir) / STATES_FILE))
+    return {"num_layers": states.shape[0] - 1, "n_samples": states.shape[1],
+            "hidden_size": states.shape[2]}
+
+
+def load_states(path: str | Path) -> torch.Tensor:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATES_FILE
+    return load_file(str(path))["states"]

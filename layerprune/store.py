@@ -1,0 +1,154 @@
+"""The artifact store: `<root>/<stage>/<key>/...` on any fsspec filesystem (local dir or S3).
+
+- `key` is a hash of the stage's version, its parameters and the keys of its inputs
+  (`stage_key`), so equal work has one address and different work never shares one.
+- A stage is complete when its `manifest.json` exists. It is written last and lists every file
+  with its sha256, plus inputs, parameters, library versions and timings; readers trust only
+  manifests. A crash leaves no manifest, so a rerun redoes exactly the unfinished stage.
+- Every object is written atomically: local files by rename, S3 objects by single PUTs.
+
+Credentials and endpoints come from fsspec's usual sources (the AWS environment, ~/.aws, or
+`storage_options`), never from paths, so they never show up in logs or flow parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = "manifest.json"
+
+
+def stage_key(stage: str, version: int, params: dict) -> str:
+    """Content address of one stage's output: stable JSON of (stage, version, params) hashed."""
+    blob = json.dumps({"stage": stage, "version": version, "params": params},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict:
+    import torch
+    import transformers
+
+    from layerprune import __version__
+
+    return {"layerprune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+class ArtifactStore:
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root_url = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **(storage_options or {}))
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, stage: str, key: str, name: str = "") -> str:
+        return "/".join(p for p in (self.root.rstrip("/"), stage, key, name) if p)
+
+    def uri(self, stage: str, key: str) -> str:
+        return self.fs.unstrip_protocol(self.path(stage, key)) if not self.is_local \
+            else self.path(stage, key)
+
+    def manifest(self, stage: str, key: str) -> dict | None:
+        """The stage's manifest if it is complete, else None."""
+        try:
+            with self.fs.open(self.path(stage, key, MANIFEST), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def scratch(self) -> Path:
+        """A local working directory for a stage, on the store's filesystem when local (so
+        publishing is a rename), else in the system temp dir."""
+        base = None
+        if self.is_local:
+            base = Path(self.root) / ".scratch"
+            base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="stage-", dir=base))
+
+    def publish(self, stage: str, key: str, local_dir: Path, record: dict) -> dict:
+        """Move/upload every file of `local_dir`, then write the manifest last."""
+        started = time.time()
+        files = {}
+        for f in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = f.relative_to(local_dir).as_posix()
+            files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+            self._put(f, self.path(stage, key, rel))
+        manifest = {"stage": stage, "key": key, "uri": self.uri(stage, key), "files": files,
+                    "versions": library_versions(), **record,
+                    "publish_seconds": round(time.time() - started, 3)}
+        self._put_bytes(json.dumps(manifest, indent=2).encode(), self.path(stage, key, MANIFEST))
+        shutil.rmtree(local_dir, ignore_errors=True)
+        return manifest
+
+    def local_dir(self, stage: str, key: str) -> Path:
+        """A local directory holding the stage's files (downloaded once per key if remote)."""
+        manifest = self.manifest(stage, key)
+        if manifest is None:
+            raise FileNotFoundError(f"stage {stage}/{key} is not complete in {self.root_url}")
+        if self.is_local:
+            return Path(self.path(stage, key))
+        from layerprune.assets import cache_dir
+
+        dest = cache_dir() / "store" / stage / key
+        if not (dest / MANIFEST).exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(dest.parent)))
+            for rel, meta in manifest["files"].items():
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self.path(stage, key, rel), str(target))
+                if file_sha256(target) != meta["sha256"]:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise OSError(f"{stage}/{key}/{rel}: checksum mismatch after download")
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        return dest
+
+    def _put(self, local: Path, remote: str) -> None:
+        if self.is_local:
+            os.makedirs(os.path.dirname(remote), exist_ok=True)
+            tmp = f"{remote}.tmp-{os.getpid()}"
+            if _same_device(local, remote):
+                os.replace(local, tmp)
+            else:
+                shutil.copyfile(local, tmp)
+            os.replace(tmp, remote)
+        else:
+            self.fs.put_file(str(local), remote)  # one PUT (or a multipart upload): atomic
+
+    def _put_bytes(self, data: bytes, remote: str) -> None:
+        fd, tmp = tempfile.mkstemp()
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            self._put(Path(tmp), remote)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _same_device(local: Path, remote: str) -> bool:
+    parent = os.path.dirname(remote)
+    return os.stat(local).st_dev == os.stat(parent).st_dev

@@ -1,0 +1,72 @@
+"""Prefect task: the run's results table (parquet), figures, and Prefect table/markdown artifacts.
+
+Figures are embedded in the markdown artifact as data URIs, so the Prefect UI shows them
+whatever the artifact store is (a local path or an S3 URL would not render in a browser).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pandas as pd
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from layerprune.config import PruneAndHealParams
+from layerprune.distances import HEATMAP_FILE
+from layerprune.figures import metric_curves
+from tasks.common import run_stage, stage_files, stage_task
+
+STAGE, VERSION = "report", 1
+
+
+def key_params(model_info: dict, distances: dict, base: dict, rows: list[dict]) -> dict:
+    return {"model": model_info["fingerprint"], "distances": distances["key"],
+            "base": base["key"], "rows": rows}
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"
+
+
+@stage_task(STAGE, VERSION, key_params)
+def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict,
+                   distances: dict, base: dict, rows: list[dict]) -> dict:
+    base_loss = base["meta"]["loss"]
+    table = pd.DataFrame(rows).sort_values(["n", "strategy"]).reset_index(drop=True)
+    table["loss_increase"] = (table["loss"] - base_loss).round(4)
+
+    def build(out: Path):
+        table.to_parquet(out / "results.parquet", index=False)
+        curve_rows = [{"fraction": r["fraction"], "variant": r["strategy"], "loss": r["loss"]}
+                      for r in rows]
+        metric_curves(curve_rows, out / "loss_vs_fraction.png", ["loss"],
+                      base={"loss": base_loss}, title=model_info["ref"])
+        return {"rows": len(rows), "base_loss": base_loss}
+
+    manifest = run_stage(store_root, STAGE, VERSION,
+                         key_params(model_info, distances, base, rows), build)
+    report_dir = stage_files(store_root, manifest)
+    heatmap = stage_files(store_root, distances) / HEATMAP_FILE
+    text = table.drop(columns=["recipe"]).to_string(index=False)
+    create_table_artifact(table=table.drop(columns=["recipe"]).to_dict(orient="records"),
+                          key="pruned-models", description="Pruned variants and their loss")
+    create_markdown_artifact(
+        key="prune-report",
+        description=f"prune-and-heal report for {model_info['ref']}",
+        markdown="\n\n".join([
+            f"# prune-and-heal: {model_info['ref']}",
+            f"{model_info['num_layers']} layers; base loss **{base_loss:.4f}** on "
+            f"{params.loss.samples} records of `{params.loss.data}`; artifacts in "
+            f"`{manifest['uri']}`.",
+            "## Angular distance between the inputs of layers l and l+n",
+            _img(heatmap, "distance heatmap"),
+            "## Loss against the fraction of layers dropped",
+            _img(report_dir / "loss_vs_fraction.png", "loss curve"),
+            "## Variants",
+            table.drop(columns=["recipe"]).to_markdown(index=False),
+        ]),
+    )
+    return {"report_uri": manifest["uri"], "table": text, "base_loss": base_loss,
+            "rows": table.drop(columns=["recipe"]).to_dict(orient="records")}

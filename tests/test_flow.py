@@ -1,0 +1,81 @@
+"""The prune-and-heal flow on a real (temporary, local) Prefect API: stages, artifacts, caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.prune_and_heal import prune_and_heal
+from layerprune.config import PruneAndHealParams
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHealParams:
+    return PruneAndHealParams.model_validate({
+        "model": {"ref": model},
+        "calibration": {"data": data, "samples": 5, "seq_len": 12},
+        "loss": {"data": data, "samples": 3, "seq_len": 12},
+        "prune": {"block_sizes": sizes, "export_checkpoints": True},
+        "batch_size": 4, "artifacts": str(root)})
+
+
+def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp_path):
+    params = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1])
+    first = prune_and_heal(params, return_state=True)
+    summary = first.result()
+    assert [r["n"] for r in summary["rows"]] == [1, 1]
+    manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
+    stages = {m.parent.parent.name for m in manifests}
+    assert stages == {"calibration", "hidden_states", "distances", "prune", "loss", "report"}
+    for m in manifests:  # every listed file is there with the recorded size
+        doc = json.loads(m.read_text())
+        for rel, meta in doc["files"].items():
+            assert (m.parent / rel).stat().st_size == meta["bytes"]
+    exported = [m.parent / "checkpoint" for m in manifests if m.parent.parent.name == "prune"]
+    assert all((c / "model.safetensors").exists() for c in exported)
+    assert (Path(summary["report_uri"]) / "results.parquet").exists()
+    assert not list((tmp_path / "store").glob("*/.*.tmp*"))
+
+    mtimes = {m: m.stat().st_mtime_ns for m in manifests}
+    states = _task_states(prune_and_heal(params, return_state=True))
+    assert {s for name, s in states.items() if not name.startswith("describe-model")} == \
+        {"Cached"}, states
+    assert {m: m.stat().st_mtime_ns for m in manifests} == mtimes  # nothing rewritten
+
+    # A run with one more block size redoes only the new stages (as after a crash mid-run).
+    bigger = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1, 2])
+    states = _task_states(prune_and_heal(bigger, return_state=True))
+    computed = {n for n, s in states.items() if s == "Completed"}
+    assert {n for n in computed if n.startswith("prune")} == {"prune-similarity-n2",
+                                                              "prune-heuristic-n2"}, states
+    assert all(n.startswith(("describe-model", "prune", "loss", "report")) for n in computed)
+    assert states["prune-similarity-n1"] == states["prune-heuristic-n1"] == "Cached"
+    assert {s for n, s in states.items() if n.startswith(("calibration", "hidden", "dist"))} \
+        == {"Cached"}
+
+
+def test_bad_parameters_are_refused_before_any_work(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="block size must be >= 1"):
+        _params(tiny_models["llama"], "x.jsonl", tmp_path, [0, 2])
+    with pytest.raises(ValueError, match="samples"):
+        PruneAndHealParams.model_validate({"calibration": {"samples": 0}})
+    with pytest.raises(ValueError, match="strategies"):
+        PruneAndHealParams.model_validate({"prune": {"strategies": ["random"]}})

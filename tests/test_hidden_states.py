@@ -1,0 +1,47 @@
+"""Hidden-state capture: the right vectors (layer inputs, pre-norm last output), whatever the
+batching and padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerprune.batching import pad_token_id
+from layerprune.calibration import tokenize
+from layerprune.hidden_states import last_token_states
+from layerprune.models import load_model
+from tests.conftest import TEXTS
+
+
+@pytest.fixture
+def loaded(tiny_model):
+    return load_model(tiny_model)
+
+
+def _states(loaded, ids, batch_size, side):
+    return last_token_states(loaded.model, ids, batch_size, side, pad_token_id(loaded.tokenizer),
+                             show_bar=False)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batched_and_padded_equals_one_at_a_time(loaded, side, batch_size):
+    ids = tokenize(TEXTS, loaded.tokenizer, seq_len=16)
+    assert len({len(r) for r in ids}) > 2, "texts must differ in length to exercise padding"
+    single = _states(loaded, ids, 1, "right")
+    batched = _states(loaded, ids, batch_size, side)
+    assert batched.shape == (loaded.model.config.num_hidden_layers + 1, len(ids), 32)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_states_are_layer_inputs_and_prenorm_output(loaded):
+    """x^(l) = hidden_states[l] for l < L (the layer inputs); x^(L) is NOT the post-norm
+    hidden_states[L] but the last layer's raw output."""
+    ids = tokenize(TEXTS[:1], loaded.tokenizer, seq_len=16)
+    ours = _states(loaded, ids, 1, "right")[:, 0]
+    with torch.no_grad():
+        out = loaded.model(torch.tensor(ids), output_hidden_states=True)
+    hf = torch.stack([h[0, -1] for h in out.hidden_states])
+    n_layers = ours.shape[0] - 1
+    torch.testing.assert_close(ours[:n_layers], hf[:n_layers], atol=1e-5, rtol=0)
+    assert not torch.allclose(ours[n_layers], hf[n_layers], atol=1e-3)
