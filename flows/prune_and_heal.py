@@ -1,8 +1,10 @@
 """The `prune-and-heal` flow: one model, calibrated, measured, pruned and evaluated.
 
-    describe model ─► calibration ─► hidden states ─► distances ─┬► prune(n, strategy) ─► loss
-                                                                  └───────────── base model loss
-Each box is a cached task (tasks/); artifacts live in the store under `params.artifacts`.
+    describe model ─► calibration ─► hidden states ─► distances ─┬► prune(n, strategy) ─► eval
+                                                                  └──────────── eval base model
+eval = next-token loss (+ bits per byte) and lm-eval benchmarks (MMLU, BoolQ, ...), one task run
+per (variant, metric). Each box is a cached task (tasks/); artifacts live in the store under
+`params.artifacts`.
 Run `python -m flows.prune_and_heal` for the demo defaults, or trigger the deployment.
 """
 
@@ -14,25 +16,28 @@ import sys
 
 from prefect import flow, get_run_logger
 
-from tasks.report import publish_report
-from layerprune.config import PruneAndHealParams
+from layerprune.config import ModelSpec, PruneAndHealParams
 from layerprune.data import check_source
 from layerprune.prune import check_block_size
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
+from tasks.evaluate import evaluate_variant
 from tasks.hidden_states import extract_hidden_states
-from tasks.loss import evaluate_loss
 from tasks.models import describe_model
 from tasks.prune import prune_model
+from tasks.report import publish_report
+from tasks.results import use_artifact_store
 
 
-@flow(name="prune-and-heal", log_prints=True)
+# The summary is persisted as JSON (no pickle) so a sweep can read it from another process.
+@flow(name="prune-and-heal", log_prints=True, persist_result=True, result_serializer="json")
 def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     logger = get_run_logger()
     root = params.artifacts
     # Cheap checks first: a bad data path or block size fails before any model is loaded.
     check_source(params.calibration.data)
     check_source(params.loss.data)
+    use_artifact_store(root)  # fails fast if unreachable; results + cache records go there
     model_info = describe_model(params.model)
     for n in params.prune.block_sizes:
         check_block_size(n, model_info["num_layers"])
@@ -40,28 +45,44 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     tokens = calibrate(root, params.model, model_info, params.calibration)
     states = extract_hidden_states(root, params.model, model_info, tokens, params.batch_size)
     distances = compute_distances(root, states, title=f"{params.model.ref}")
-    base = evaluate_loss(root, params.model, model_info, None, params.loss, params.batch_size)
+    base = _evaluate(params, params.model, model_info, [], benchmarks=True)
 
     rows = []
     for n in params.prune.block_sizes:
+        with_benchmarks = params.benchmarks.block_sizes is None or \
+            n in params.benchmarks.block_sizes
         for strategy in params.prune.strategies:
             recipe = prune_model(root, params.model, model_info, distances, n, strategy,
                                  params.prune.export_checkpoints)
-            result = evaluate_loss(root, params.model, model_info, recipe, params.loss,
-                                   params.batch_size)
-            rows.append(_row(recipe, result))
+            drop = recipe["meta"]["removed_layers"]
+            metrics = _evaluate(params, params.model, model_info, drop, with_benchmarks)
+            rows.append({**_describe(recipe, strategy), **metrics})
     summary = publish_report(root, params, model_info, distances, base, rows)
     logger.info("report: %s", summary["report_uri"])
     return summary
 
 
-def _row(recipe: dict, result: dict) -> dict:
+def _evaluate(params: PruneAndHealParams, model: ModelSpec, model_info: dict, drop: list[int],
+              benchmarks: bool) -> dict:
+    """{metric: value} for one variant: loss and bits per byte, and the benchmarks if asked."""
+    root, bs = params.artifacts, params.batch_size
+    loss = evaluate_variant(root, model, model_info, drop, "loss", loss=params.loss,
+                            batch_size=bs)["meta"]
+    values = {"loss": round(loss["value"], 4), "bits_per_byte": round(loss["bits_per_byte"], 4)}
+    for task, limit in (params.benchmarks.tasks.items() if benchmarks else ()):
+        result = evaluate_variant(root, model, model_info, drop, task, limit,
+                                  params.benchmarks.shots, batch_size=bs)["meta"]
+        values[task] = round(result["value"], 4)
+        values[f"{task}_baseline"] = round(result["baseline"], 4)
+    return values
+
+
+def _describe(recipe: dict, variant: str) -> dict:
     r = recipe["meta"]
-    return {"strategy": r["strategy"], "n": r["n"], "fraction": round(r["fraction"], 4),
+    return {"variant": variant, "strategy": r["strategy"], "n": r["n"],
+            "fraction": round(r["fraction"], 4),
             "removed_layers": f"{r['removed_layers'][0]}-{r['removed_layers'][-1]}",
-            "block_distance": round(r["block_distance"], 4),
-            "loss": round(result["meta"]["loss"], 4), "tokens": result["meta"]["tokens"],
-            "recipe": recipe["uri"]}
+            "block_distance": round(r["block_distance"], 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

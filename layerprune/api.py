@@ -90,3 +90,22 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / "loss.json", result)
     return result
+
+
+def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
+             seq_len: int = 256, limit: int | None = None, shots: int | None = None,
+             samples: int | None = None, batch_size: int = 8, dtype: str = "float32",
+             device: str = "cpu") -> dict:
+    """Write `out/metrics.json` = {task: {"value", "stderr", "n", "metric", "baseline", ...}}."""
+    from layerprune import benchmarks
+
+    _check_common(model, dtype, batch_size)
+    tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
+    check_architecture(model)
+    loaded = load_model(model, dtype, device)
+    metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
+                                  batch_size=batch_size, loss_data=data, loss_seq_len=seq_len,
+                                  loss_samples=samples)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    benchmarks.write_metrics(metrics, out)
+    return metrics

@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distances", default=None, help="directory holding distances.json")
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("eval", help="loss and lm-eval benchmarks (MMLU, BoolQ, ...) of a model")
+    _model_args(p)
+    p.add_argument("--tasks", required=True, type=lambda s: [t for t in s.split(",") if t],
+                   help="comma-separated: loss, mmlu, boolq, arc_easy, arc_challenge, "
+                        "hellaswag, piqa, winogrande")
+    p.add_argument("--data", default=None, help="text for the loss task "
+                   "(default bundled:wiki-heldout)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per loss record")
+    p.add_argument("--samples", type=int, default=None, help="loss records (default: --limit)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task, the first N (per subject for MMLU)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="few-shot examples (default: MMLU 5, others 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("loss", help="mean next-token cross-entropy on held-out text")
     _model_args(p)
     _data_args(p, samples_required=False)
@@ -73,6 +90,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "prune":
         return api.prune(args.model, args.n, args.out, args.start, args.strategy,
                          args.distances, args.dtype)
+    if args.command == "eval":
+        return api.evaluate(args.model, args.tasks, args.out, args.data, args.seq_len,
+                            args.limit, args.shots, args.samples, args.batch_size, args.dtype,
+                            args.device)
     if args.command == "loss":
         return api.loss(args.model, args.data, args.seq_len, args.out, args.samples,
                         args.batch_size, args.text_field, args.dtype, args.device)

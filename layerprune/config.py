@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Strategy = Literal["similarity", "heuristic"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -77,6 +77,34 @@ class PruneSpec(_Spec):
         return list(dict.fromkeys(v))
 
 
+class BenchmarkSpec(_Spec):
+    """lm-evaluation-harness tasks, run on the base model and on pruned (and healed) variants."""
+
+    tasks: dict[str, int | None] = Field(
+        default_factory=lambda: {"mmlu": 1, "boolq": 40},
+        description="task -> items scored (the first N; per subject for MMLU; null = all). "
+                    "Tasks: mmlu, boolq, arc_easy, arc_challenge, hellaswag, piqa, winogrande")
+    shots: int | None = Field(None, ge=0, description="few-shot examples; null = each task's "
+                              "default (MMLU 5 as in the paper, others 0)")
+    block_sizes: list[int] | None = Field(
+        default_factory=lambda: [4, 8],
+        description="benchmark only the variants with these n (null = every variant); "
+                    "MMLU 5-shot costs ~35k tokens per model, loss is always measured")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, int | None]) -> dict[str, int | None]:
+        from layerprune.benchmarks import TASKS, check_limit
+
+        valid = [t for t in TASKS if t != "loss"]
+        unknown = [t for t in v if t not in valid]
+        if unknown:
+            raise ValueError(f"unknown benchmark tasks {unknown}; valid: {valid}")
+        for limit in v.values():
+            check_limit(limit)
+        return v
+
+
 class PruneAndHealParams(_Spec):
     """Everything one `prune-and-heal` run needs; the defaults are the demo."""
 
@@ -84,6 +112,83 @@ class PruneAndHealParams(_Spec):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
+    benchmarks: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     artifacts: str = Field(default_factory=default_artifacts_root,
                            description="artifact store root: a local directory or s3://bucket/prefix")
+
+
+class SweepParams(_Spec):
+    """A comparison across models: one `prune-and-heal` run per model, fanned out to the GPU pool
+    through `deployment`, gathered into one table. The remaining fields are the template every
+    per-model run shares."""
+
+    models: list[str] = Field(default_factory=lambda: ["bundled:SmolLM2-135M-Instruct"],
+                              min_length=1, description="model refs, one run each (see ModelSpec.ref)")
+    fractions: list[float] | None = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4],
+        description="fractions of layers to drop, each in (0, 1); each model gets "
+                    "n = round(fraction x its depth), at least 1 and leaving one layer")
+    block_sizes: list[int] | None = Field(None, description="numbers of layers to drop, used "
+                                          "as is for every model instead of fractions")
+    strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
+                                       min_length=1)
+    dtype: DType = "float32"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
+    deployment: str = Field("prune-and-heal/default", pattern=r"^[^/\s]+/[^/\s]+$",
+                            description="FLOW/DEPLOYMENT that runs one model")
+    # 6 h: a 70B model on one GPU (distances + 10 variants) fits; a hung child cannot hold a
+    # `gpu` concurrency slot forever.
+    child_timeout_s: int = Field(6 * 3600, ge=60, le=7 * 24 * 3600,
+                                 description="seconds to wait for each per-model run")
+    artifacts: str = Field(default_factory=default_artifacts_root,
+                           description="artifact store root shared by every run: a local "
+                                       "directory or s3://bucket/prefix")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[str]) -> list[str]:
+        if any(not m.strip() for m in v):
+            raise ValueError("every model ref must be non-empty")
+        return list(dict.fromkeys(v))
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0 < f < 1 for f in v)):
+            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1), got {v}")
+        return v
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _sizes_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(n < 1 for n in v)):
+            raise ValueError(f"block_sizes must be a non-empty list of integers >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of_fractions_or_sizes(self) -> SweepParams:
+        if self.block_sizes is not None and "fractions" in self.model_fields_set \
+                and self.fractions is not None:
+            raise ValueError("give either fractions or block_sizes, not both")
+        if self.block_sizes is None and self.fractions is None:
+            raise ValueError("give fractions or block_sizes")
+        return self
+
+    def block_sizes_for(self, num_layers: int) -> list[int]:
+        """The block sizes for a model of `num_layers` layers (at least one layer remains)."""
+        if self.block_sizes is not None:
+            return sorted(set(self.block_sizes))
+        sizes = {min(max(1, round(f * num_layers)), num_layers - 1) for f in self.fractions}
+        return sorted(n for n in sizes if n >= 1)
+
+    def child(self, ref: str, block_sizes: list[int]) -> PruneAndHealParams:
+        """The parameters of the per-model run of `ref`."""
+        return PruneAndHealParams(
+            model=ModelSpec(ref=ref, dtype=self.dtype, device=self.device),
+            calibration=self.calibration, loss=self.loss,
+            prune=PruneSpec(block_sizes=block_sizes, strategies=self.strategies),
+            batch_size=self.batch_size, artifacts=self.artifacts)

@@ -24,6 +24,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from layerprune.remote import storage_options_from_env
+
 MANIFEST = "manifest.json"
 
 
@@ -55,7 +57,9 @@ def library_versions() -> dict:
 class ArtifactStore:
     def __init__(self, root: str, storage_options: dict | None = None):
         self.root_url = str(root)
-        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **(storage_options or {}))
+        if storage_options is None:  # S3 endpoint and bounded retries from the environment
+            storage_options = storage_options_from_env(self.root_url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, stage: str, key: str, name: str = "") -> str:

@@ -21,8 +21,14 @@ STAGE, VERSION = "report", 1
 
 
 def key_params(model_info: dict, distances: dict, base: dict, rows: list[dict]) -> dict:
-    return {"model": model_info["fingerprint"], "distances": distances["key"],
-            "base": base["key"], "rows": rows}
+    return {"model": model_info["fingerprint"], "distances": distances["key"], "base": base,
+            "rows": rows}
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """Metrics to plot: loss, then each benchmark that some variant has (not its baseline)."""
+    seen = dict.fromkeys(k for r in rows for k in r)
+    return ["loss"] + [k for k in seen if f"{k}_baseline" in seen]
 
 
 def _img(path: Path, alt: str) -> str:
@@ -33,40 +39,42 @@ def _img(path: Path, alt: str) -> str:
 @stage_task(STAGE, VERSION, key_params)
 def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict,
                    distances: dict, base: dict, rows: list[dict]) -> dict:
-    base_loss = base["meta"]["loss"]
-    table = pd.DataFrame(rows).sort_values(["n", "strategy"]).reset_index(drop=True)
+    base_loss = base["loss"]
+    table = pd.DataFrame(rows).sort_values(["n", "variant"]).reset_index(drop=True)
     table["loss_increase"] = (table["loss"] - base_loss).round(4)
+    metrics = metric_columns(rows)
 
     def build(out: Path):
         table.to_parquet(out / "results.parquet", index=False)
-        curve_rows = [{"fraction": r["fraction"], "variant": r["strategy"], "loss": r["loss"]}
-                      for r in rows]
-        metric_curves(curve_rows, out / "loss_vs_fraction.png", ["loss"],
-                      base={"loss": base_loss}, title=model_info["ref"])
-        return {"rows": len(rows), "base_loss": base_loss}
+        metric_curves(rows, out / "metrics_vs_fraction.png", metrics, base=base,
+                      title=model_info["ref"])
+        return {"rows": len(rows), "base": base}
 
     manifest = run_stage(store_root, STAGE, VERSION,
                          key_params(model_info, distances, base, rows), build)
     report_dir = stage_files(store_root, manifest)
     heatmap = stage_files(store_root, distances) / HEATMAP_FILE
-    text = table.drop(columns=["recipe"]).to_string(index=False)
-    create_table_artifact(table=table.drop(columns=["recipe"]).to_dict(orient="records"),
+    shown = table.drop(columns=[c for c in table if c.endswith("_baseline")])
+    text = shown.to_string(index=False)
+    create_table_artifact(table=shown.to_dict(orient="records"),
                           key="pruned-models", description="Pruned variants and their loss")
     create_markdown_artifact(
         key="prune-report",
         description=f"prune-and-heal report for {model_info['ref']}",
         markdown="\n\n".join([
             f"# prune-and-heal: {model_info['ref']}",
-            f"{model_info['num_layers']} layers; base loss **{base_loss:.4f}** on "
-            f"{params.loss.samples} records of `{params.loss.data}`; artifacts in "
-            f"`{manifest['uri']}`.",
+            f"{model_info['num_layers']} layers; base model: "
+            + ", ".join(f"{k} **{v}**" for k, v in base.items() if not k.endswith("_baseline"))
+            + f" (loss on {params.loss.samples} records of `{params.loss.data}`; chance: "
+            + ", ".join(f"{k[:-9]} {v}" for k, v in base.items() if k.endswith("_baseline"))
+            + f"). Artifacts in `{manifest['uri']}`.",
             "## Angular distance between the inputs of layers l and l+n",
             _img(heatmap, "distance heatmap"),
-            "## Loss against the fraction of layers dropped",
-            _img(report_dir / "loss_vs_fraction.png", "loss curve"),
+            "## Metrics against the fraction of layers dropped (the paper's Fig. 1d)",
+            _img(report_dir / "metrics_vs_fraction.png", "metric curves"),
             "## Variants",
-            table.drop(columns=["recipe"]).to_markdown(index=False),
+            shown.to_markdown(index=False),
         ]),
     )
-    return {"report_uri": manifest["uri"], "table": text, "base_loss": base_loss,
-            "rows": table.drop(columns=["recipe"]).to_dict(orient="records")}
+    return {"report_uri": manifest["uri"], "table": text, "base": base, "base_loss": base_loss,
+            "rows": shown.to_dict(orient="records")}

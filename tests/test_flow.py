@@ -34,6 +34,7 @@ def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHeal
         "calibration": {"data": data, "samples": 5, "seq_len": 12},
         "loss": {"data": data, "samples": 3, "seq_len": 12},
         "prune": {"block_sizes": sizes, "export_checkpoints": True},
+        "benchmarks": {"tasks": {"boolq": 4}, "block_sizes": [1]},
         "batch_size": 4, "artifacts": str(root)})
 
 
@@ -44,7 +45,9 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     assert [r["n"] for r in summary["rows"]] == [1, 1]
     manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
     stages = {m.parent.parent.name for m in manifests}
-    assert stages == {"calibration", "hidden_states", "distances", "prune", "loss", "report"}
+    assert stages == {"calibration", "hidden_states", "distances", "prune", "eval", "report"}
+    row = summary["rows"][0]
+    assert 0 <= row["boolq"] <= 1 and row["loss"] > 0 and row["bits_per_byte"] > 0
     for m in manifests:  # every listed file is there with the recorded size
         doc = json.loads(m.read_text())
         for rel, meta in doc["files"].items():
@@ -66,7 +69,7 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     computed = {n for n, s in states.items() if s == "Completed"}
     assert {n for n in computed if n.startswith("prune")} == {"prune-similarity-n2",
                                                               "prune-heuristic-n2"}, states
-    assert all(n.startswith(("describe-model", "prune", "loss", "report")) for n in computed)
+    assert all(n.startswith(("describe-model", "prune", "eval-loss", "report")) for n in computed)
     assert states["prune-similarity-n1"] == states["prune-heuristic-n1"] == "Cached"
     assert {s for n, s in states.items() if n.startswith(("calibration", "hidden", "dist"))} \
         == {"Cached"}

@@ -1,0 +1,274 @@
+"""Benchmarks of a model already in memory: lm-evaluation-harness tasks and next-token loss.
+
+The paper (Gromov et al. 2024) plots MMLU (5-shot), BoolQ (0-shot) and next-token loss against
+the fraction of layers dropped; ARC, HellaSwag, PIQA and WinoGrande are there for a wider look.
+
+- Multiple-choice tasks run through EleutherAI's lm-evaluation-harness with its stock prompts and
+  metrics. Offline (the default) they read local copies of the data (`layerprune.lm_eval_tasks`);
+  online (`offline=False`, or env `LAYERPRUNE_EVAL_ONLINE=1`) the stock tasks download their own.
+- `limit=N` scores the first N items of each lm-eval task, the same items every run. For MMLU the
+  limit applies per subject, as lm-eval applies it to every task of a group: limit=1 scores 57
+  questions. MMLU's value is lm-eval's group accuracy, weighted by each subject's item count.
+- "loss" is `layerprune.loss.next_token_loss` on `loss_data` (default `bundled:wiki-heldout`).
+
+Every result is `{"value", "stderr", "n", "metric", "baseline", ...}` where `baseline` is what a
+model with no knowledge scores: the mean of 1/(number of choices) over the scored items for
+multiple choice; for BoolQ the majority-class rate of the scored items (always answering the
+commoner answer); for loss ln(vocabulary size), the loss of a uniform prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerprune.errors import LayerPruneError
+from layerprune.io import write_json_atomic
+
+ONLINE_ENV = "LAYERPRUNE_EVAL_ONLINE"
+DEFAULT_LOSS_DATA = "bundled:wiki-heldout"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    shots: int      # default number of few-shot examples
+    metric: str     # the headline metric ("value"); acc_norm is reported too where lm-eval has it
+    stock: str      # lm-eval's stock task (or group) name, used online
+
+
+# acc_norm (log-likelihood per byte of the answer) heads the tasks whose answers are free text of
+# different lengths, where plain acc favours short answers; acc heads those with one-word or
+# one-letter answers (MMLU, BoolQ) and WinoGrande, whose choices share one continuation.
+TASKS: dict[str, TaskInfo] = {
+    "mmlu": TaskInfo(5, "acc", "mmlu"),     # 5-shot as in the paper; examples from `dev`
+    "boolq": TaskInfo(0, "acc", "boolq"),
+    "arc_easy": TaskInfo(0, "acc_norm", "arc_easy"),
+    "arc_challenge": TaskInfo(0, "acc_norm", "arc_challenge"),
+    "hellaswag": TaskInfo(0, "acc_norm", "hellaswag"),
+    "piqa": TaskInfo(0, "acc_norm", "piqa"),
+    "winogrande": TaskInfo(0, "acc", "winogrande"),
+    "loss": TaskInfo(0, "loss", ""),
+}
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    """The task names without duplicates, in order; unknown names raise LayerPruneError."""
+    if isinstance(tasks, str) or not tasks:
+        raise LayerPruneError(f"tasks must be a non-empty list of names from {list(TASKS)}, "
+                              f"got {tasks!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise LayerPruneError(f"tasks: unknown {unknown}; valid tasks are {list(TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def check_limit(limit: int | None, name: str = "limit") -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise LayerPruneError(f"{name} must be a positive integer (items per task) or None "
+                              f"(all items), got {limit!r}")
+
+
+def check_args(tasks: list[str], limit: int | None = None, shots: int | None = None,
+               batch_size: int = 8, loss_data: str | None = None, loss_seq_len: int = 256,
+               loss_samples: int | None = None) -> list[str]:
+    """Every check `evaluate` makes, cheap and before any model work. Returns the task list."""
+    tasks = check_tasks(tasks)
+    check_limit(limit)
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise LayerPruneError(f"shots must be an integer >= 0 or None (each task's default: "
+                              f"{ {t: i.shots for t, i in TASKS.items() if t != 'loss'} }), "
+                              f"got {shots!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise LayerPruneError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if "loss" in tasks:
+        from layerprune.data import check_source
+
+        check_source(loss_data or DEFAULT_LOSS_DATA)
+        if isinstance(loss_seq_len, bool) or not isinstance(loss_seq_len, int) or loss_seq_len < 2:
+            raise LayerPruneError(f"loss_seq_len must be an integer >= 2, got {loss_seq_len!r}")
+        check_limit(loss_samples, "loss_samples")
+    return tasks
+
+
+def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None,
+             shots: int | None = None, batch_size: int = 8, loss_data: str | None = None,
+             loss_seq_len: int = 256, loss_samples: int | None = None,
+             offline: bool | None = None, loss_text_field: str = "text") -> dict:
+    """Evaluate `model` on `tasks`; returns `{task: {"value", "stderr", "n", "metric", ...}}`.
+
+    limit: items per task (per subject for MMLU), the first ones; None = all.
+    shots: few-shot examples for every harness task; None = each task's default (MMLU 5, else 0).
+    loss_samples: records of `loss_data` for "loss" (the first ones); None = `limit`, and all
+        records when that is None too. Each record is truncated to its first `loss_seq_len` tokens.
+    offline: None = offline unless env LAYERPRUNE_EVAL_ONLINE=1.
+    """
+    tasks = check_args(tasks, limit, shots, batch_size, loss_data, loss_seq_len, loss_samples)
+    if offline is None:
+        offline = os.environ.get(ONLINE_ENV, "").lower() not in ("1", "true", "yes")
+    results: dict[str, dict] = {}
+    harness = [t for t in tasks if t != "loss"]
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the caller's mode is restored below
+    try:
+        if harness:
+            results.update(_run_harness(model, tokenizer, harness, limit, shots, batch_size,
+                                        offline))
+        if "loss" in tasks:
+            results["loss"] = loss_metrics(model, tokenizer, loss_data or DEFAULT_LOSS_DATA,
+                                           loss_seq_len, loss_samples or limit, batch_size,
+                                           loss_text_field)
+    finally:
+        model.train(was_training)
+    return {t: results[t] for t in tasks}
+
+
+def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir/metrics.json` atomically; returns its path."""
+    path = Path(out_dir) / METRICS_FILE
+    write_json_atomic(path, metrics)
+    return path
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+
+def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: int | None,
+                 batch_size: int, offline: bool) -> dict[str, dict]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if offline:
+        from layerprune import lm_eval_tasks
+
+        include = lm_eval_tasks.prepare(tasks)
+        # Only our copies are indexed: skipping the ~thousands of stock YAMLs saves seconds.
+        manager = TaskManager(include_path=str(include), include_defaults=False)
+        names = {t: lm_eval_tasks.offline_name(t) for t in tasks}
+    else:
+        manager = TaskManager()
+        names = {t: TASKS[t].stock for t in tasks}
+    # HFLM sets a pad token on tokenizers that lack one: give it a copy, not the caller's.
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    # simple_evaluate takes one num_fewshot for all its tasks: one call per distinct shot count.
+    by_shots: dict[int, list[str]] = defaultdict(list)
+    for t in tasks:
+        by_shots[TASKS[t].shots if shots is None else shots].append(t)
+    out = {}
+    for k, group in by_shots.items():
+        res = simple_evaluate(model=lm, tasks=[names[t] for t in group], num_fewshot=k,
+                              limit=limit, task_manager=manager, log_samples=True)
+        for t in group:
+            out[t] = _summarise(t, names[t], res, k)
+    return out
+
+
+def _summarise(task: str, name: str, res: dict, shots: int) -> dict:
+    """One task's (or group's) entry from simple_evaluate's results."""
+    row = res["results"][name]
+    leaves = _leaf_tasks(res, name)
+    samples = [s for leaf in leaves for s in res["samples"][leaf]]
+    metric = TASKS[task].metric
+    stderr = _num(row.get(f"{metric}_stderr,none"))
+    out = {"value": _num(row.get(f"{metric},none")),
+           "stderr": _stderr(samples, metric) if stderr is None else stderr,
+           "n": sum(int(res["n-samples"][leaf]["effective"]) for leaf in leaves),
+           "metric": metric, "baseline": _baseline(task, samples), "shots": shots}
+    for extra in ("acc", "acc_norm"):
+        if extra != metric and f"{extra},none" in row:
+            out[extra] = _num(row[f"{extra},none"])
+            out[f"{extra}_stderr"] = _num(row.get(f"{extra}_stderr,none"))
+    if len(leaves) > 1:  # MMLU: per-subject accuracy, under stock names without our prefix
+        out["subtasks"] = {leaf.split("mmlu_", 1)[-1]: _num(res["results"][leaf].get("acc,none"))
+                           for leaf in leaves}
+    return out
+
+
+def _leaf_tasks(res: dict, name: str) -> list[str]:
+    """The tasks (not groups) under `name`, itself included when it is a task."""
+    if name in res["n-samples"]:
+        return [name]
+    children = res.get("group_subtasks", {}).get(name, [])
+    return sorted(leaf for child in children for leaf in _leaf_tasks(res, child))
+
+
+def _baseline(task: str, samples: list[dict]) -> float | None:
+    if not samples:
+        return None
+    if task == "boolq":  # always answering the commoner answer of the scored items
+        return max(Counter(int(s["target"]) for s in samples).values()) / len(samples)
+    # One loglikelihood request per choice: a blind guess is right 1/choices of the time.
+    return sum(1 / len(s["arguments"]) for s in samples) / len(samples)
+
+
+def _stderr(samples: list[dict], metric: str) -> float | None:
+    """Standard error of the item mean, as lm-eval computes it for one task.
+
+    lm-eval reports none for a group whose subtasks have a single item each (MMLU at limit=1);
+    MMLU's size-weighted group mean is the mean over all its items, so this is its stderr too.
+    """
+    values = [float(s[metric]) for s in samples if metric in s]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var / len(values))
+
+
+def _num(x) -> float | None:
+    """lm-eval writes "N/A" where a stderr cannot be computed (e.g. one item)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------- loss
+
+def loss_metrics(model, tokenizer, source: str, seq_len: int, samples: int | None,
+                 batch_size: int, text_field: str = "text") -> dict:
+    """Next-token loss over the first `samples` records of `source`, and bits per byte.
+
+    loss: total nats / predicted tokens (`next_token_loss`: every token of a record but its
+    first is predicted from the ones before it; records are scored separately, truncated to
+    their first `seq_len` tokens).
+    bits_per_byte: the same total nats / ln(2) / the UTF-8 bytes of the text those predicted
+    tokens spell (each record's text from the start of its second token to the end of its last
+    kept token). Unlike loss it does not depend on the tokenizer, so models with different
+    vocabularies compare.
+    """
+    from layerprune.calibration import tokenize
+    from layerprune.data import read_records
+    from layerprune.loss import next_token_loss
+
+    texts = read_records(source, limit=samples, text_field=text_field)
+    ids = tokenize(texts, tokenizer, seq_len)
+    res = next_token_loss(model, tokenizer, ids, batch_size, show_bar=False)
+    nats = res["loss"] * res["tokens"]
+    n_bytes = sum(predicted_bytes(text, row, tokenizer) for text, row in zip(texts, ids))
+    vocab = model.get_output_embeddings().out_features
+    return {"value": res["loss"], "stderr": None, "n": len(ids), "metric": "loss",
+            "baseline": math.log(vocab), "tokens": res["tokens"], "bytes": n_bytes,
+            "bits_per_byte": nats / math.log(2) / n_bytes, "data": source, "seq_len": seq_len}
+
+
+def predicted_bytes(text: str, ids: list[int], tokenizer) -> int:
+    """UTF-8 bytes of the part of `text` spelled by ids[1:] (the tokens the loss predicts).
+
+    `ids` must be the first len(ids) tokens of `tokenizer(text)`. Fast tokenizers give each
+    token's character span; others fall back to decoding the predicted tokens.
+    """
+    if len(ids) < 2:
+        return 0
+    if getattr(tokenizer, "is_fast", False):
+        spans = tokenizer(text, return_offsets_mapping=True)["offset_mapping"][1:len(ids)]
+        real = [(a, b) for a, b in spans if b > a]  # special tokens have empty spans
+        if not real:
+            return 0
+        return len(text[real[0][0]:max(b for _, b in real)].encode("utf-8"))
+    return len(tokenizer.decode(ids[1:], skip_special_tokens=True).encode("utf-8"))

@@ -1,0 +1,53 @@
+"""Prefect task: one metric (next-token loss or an lm-eval benchmark) of one model variant.
+
+A variant is the source model with a block of layers removed (a prune recipe) or a healed
+checkpoint; `removed_layers` is applied to the model already in memory, so every variant of a
+model costs one load. One task run per (variant, metric): adding a benchmark to a run computes
+only that benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from layerprune import benchmarks
+from layerprune.config import LossSpec, ModelSpec
+from layerprune.data import fingerprint as data_fingerprint
+from layerprune.prune import removed_layers
+from tasks.common import model_in_memory, model_lock, run_stage, stage_task
+
+STAGE, VERSION = "eval", 1
+
+
+def key_params(model_info: dict, model: ModelSpec, drop: list[int], task: str,
+               limit: int | None, shots: int | None, loss: LossSpec) -> dict:
+    # Keyed by the removed layers, not the recipe: when both strategies pick the same block,
+    # the variant is evaluated once.
+    params = {"model": model_info["fingerprint"], "dtype": model.dtype, "removed_layers": drop,
+              "task": task}
+    if task == "loss":
+        params.update(data=data_fingerprint(loss.data), samples=loss.samples,
+                      seq_len=loss.seq_len, text_field=loss.text_field)
+    else:
+        params.update(limit=limit, shots=shots)
+    return params
+
+
+@stage_task(STAGE, VERSION, key_params, task_run_name="eval-{task}")
+def evaluate_variant(store_root: str, model: ModelSpec, model_info: dict, drop: list[int],
+                     task: str, limit: int | None = None, shots: int | None = None,
+                     loss: LossSpec = LossSpec(), batch_size: int = 8) -> dict:
+    def build(out):
+        with model_lock():
+            loaded = model_in_memory(model)
+            view = removed_layers(loaded.model, drop) if drop else contextlib.nullcontext()
+            with view:
+                metrics = benchmarks.evaluate(
+                    loaded.model, loaded.tokenizer, [task], limit=limit, shots=shots,
+                    batch_size=batch_size, loss_data=loss.data, loss_seq_len=loss.seq_len,
+                    loss_samples=loss.samples, loss_text_field=loss.text_field)
+        benchmarks.write_metrics(metrics, out)
+        return {**metrics[task], "task": task, "removed_layers": drop}
+
+    return run_stage(store_root, STAGE, VERSION,
+                     key_params(model_info, model, drop, task, limit, shots, loss), build)

@@ -1,0 +1,163 @@
+"""Benchmarks: lm-eval offline on local data, scores checked against the data, loss by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerprune import assets, benchmarks, lm_eval_tasks
+from layerprune.errors import LayerPruneError
+
+RECORDS = ["The quick brown fox jumps over the lazy dog.",
+           "Paris is the capital and most populous city of France.",
+           "Numbers: 1, 2, 3, 5, 8, 13, 21, 34."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """A random 2-layer Llama with SmolLM2's real tokenizer (so prompts tokenize as for real)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+def boolq_answers(n: int) -> list[bool]:
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(assets.resolve("bundled:hf_datasets") / "boolq/none/validation"))
+    return rows.select(range(n))["answer"]
+
+
+def test_boolq_runs_offline_on_local_data(tiny, tokenizer):
+    out = benchmarks.evaluate(tiny, tokenizer, ["boolq"], limit=8)["boolq"]
+    assert out["n"] == 8 and out["metric"] == "acc" and out["shots"] == 0
+    assert 0 <= out["value"] <= 1
+    answers = boolq_answers(8)
+    assert out["baseline"] == max(sum(answers), 8 - sum(answers)) / 8
+
+
+def test_a_model_that_always_says_yes_scores_the_share_of_true(tiny, tokenizer):
+    (yes,) = tokenizer(" yes")["input_ids"]  # lm-eval scores " yes" / " no" after "Answer:"
+    bias = torch.zeros(len(tokenizer))
+    bias[yes] = 100.0  # p(" yes") ~ 1 at every position, whatever the prompt
+    hook = tiny.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
+    try:
+        out = benchmarks.evaluate(tiny, tokenizer, ["boolq"], limit=12, batch_size=4)["boolq"]
+    finally:
+        hook.remove()
+    answers = boolq_answers(12)
+    assert 0 < sum(answers) < 12  # both answers occur, so the check means something
+    assert out["n"] == 12
+    assert out["value"] == pytest.approx(sum(answers) / 12)
+
+
+def test_loss_task_matches_a_hand_computation(tiny, tokenizer, tmp_path):
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in RECORDS))
+    out = benchmarks.evaluate(tiny, tokenizer, ["loss"], loss_data=str(data), batch_size=2)
+    out = out["loss"]
+    nats, tokens, n_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for text in RECORDS:
+            ids = tokenizer(text)["input_ids"]
+            logits = tiny(torch.tensor([ids])).logits[0, :-1]
+            nats += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+            tokens += len(ids) - 1
+            n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))  # ASCII: exact
+    assert out["n"] == 3 and out["tokens"] == tokens and out["bytes"] == n_bytes
+    assert out["value"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert out["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert out["baseline"] == pytest.approx(math.log(len(tokenizer)))
+
+
+class Untouchable:
+    """Stands for a model and tokenizer: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"model work started: .{name}")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("model work started")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(tasks=["boolq", "nope"]), ["nope", "mmlu", "boolq", "loss"]),
+    (dict(tasks=[]), ["tasks"]),
+    (dict(tasks=["boolq"], limit=0), ["limit", "positive"]),
+    (dict(tasks=["boolq"], shots=-1), ["shots"]),
+    (dict(tasks=["loss"], loss_data="/no/such/records.jsonl"), ["does not exist"]),
+    (dict(tasks=["loss"], loss_samples=0), ["loss_samples"]),
+])
+def test_bad_input_fails_before_model_work(kwargs, words):
+    with pytest.raises(LayerPruneError) as err:
+        benchmarks.evaluate(Untouchable(), Untouchable(), **kwargs)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_checks_alone():
+    assert benchmarks.check_tasks(["boolq", "mmlu", "boolq"]) == ["boolq", "mmlu"]
+    benchmarks.check_limit(None)
+    benchmarks.check_limit(3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(LayerPruneError, match="limit"):
+            benchmarks.check_limit(bad)
+
+
+def test_offline_prompts_are_the_stock_ones():
+    """Rendered by lm-eval from our YAMLs, compared with the stock templates written out."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(lm_eval_tasks.prepare(["boolq", "mmlu"])),
+                          include_defaults=False)
+    tasks = manager.load(["lp_boolq", "lp_mmlu_anatomy"])["tasks"]
+    boolq = tasks["lp_boolq"]
+    doc = boolq.validation_docs()[0]
+    expected = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
+    assert boolq.fewshot_context(doc, 0) == expected
+    assert boolq.doc_to_choice(doc) == ["no", "yes"]
+    assert boolq.doc_to_target(doc) == int(doc["answer"])
+
+    def mmlu(d: dict) -> str:
+        a, b, c, e = d["choices"]
+        return f"{d['question'].strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {e}\nAnswer:"
+
+    anatomy = tasks["lp_mmlu_anatomy"]
+    doc = anatomy.test_docs()[0]
+    shots = [mmlu(d) + " " + "ABCD"[d["answer"]] for d in anatomy.dataset["dev"]]
+    assert len(shots) == 5  # stock 5-shot uses the first five `dev` questions, in order
+    expected = ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                + "\n\n".join(shots) + "\n\n" + mmlu(doc))
+    assert anatomy.fewshot_context(doc, 5) == expected
+
+
+def test_write_metrics(tmp_path):
+    metrics = {"boolq": {"value": 0.5, "stderr": 0.1, "n": 8, "metric": "acc"}}
+    path = benchmarks.write_metrics(metrics, tmp_path / "run")
+    assert path == tmp_path / "run" / "metrics.json"
+    assert json.loads(path.read_text()) == metrics
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.real
+def test_real_smollm2_mmlu_and_boolq(real_assets):
+    from layerprune.models import load_model
+
+    loaded = load_model("bundled:SmolLM2-135M-Instruct")
+    # Zero-shot MMLU keeps this test short (5-shot prompts are ~6x longer; the 5-shot prompt
+    # itself is checked above); limit applies per MMLU subject: 57 subjects x 1 question.
+    out = benchmarks.evaluate(loaded.model, loaded.tokenizer, ["mmlu", "boolq"], limit=1,
+                              shots=0)
+    assert out["mmlu"]["n"] == len(lm_eval_tasks.mmlu_subjects()) == 57
+    assert out["mmlu"]["baseline"] == pytest.approx(0.25)
+    assert len(out["mmlu"]["subtasks"]) == 57
+    assert 0 <= out["mmlu"]["value"] <= 1 and out["boolq"]["n"] == 1
+    boolq = benchmarks.evaluate(loaded.model, loaded.tokenizer, ["boolq"], limit=8)["boolq"]
+    assert boolq["n"] == 8 and 0 <= boolq["value"] <= 1 and boolq["stderr"] is not None
