@@ -1,6 +1,7 @@
 """The `prune-and-heal` flow: one model, calibrated, measured, pruned and evaluated.
 
     describe model ─► calibration ─► hidden states ─► distances ─┬► prune(n, strategy) ─► eval
+                                                                  │        └─► heal ─► eval
                                                                   └──────────── eval base model
 eval = next-token loss (+ bits per byte) and lm-eval benchmarks (MMLU, BoolQ, ...), one task run
 per (variant, metric). Each box is a cached task (tasks/); artifacts live in the store under
@@ -22,6 +23,8 @@ from layerprune.prune import check_block_size
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
+from tasks.common import stage_files
+from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model
 from tasks.prune import prune_model
@@ -37,6 +40,8 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     # Cheap checks first: a bad data path or block size fails before any model is loaded.
     check_source(params.calibration.data)
     check_source(params.loss.data)
+    if params.heal.enabled:
+        check_source(params.heal.data)
     use_artifact_store(root)  # fails fast if unreachable; results + cache records go there
     model_info = describe_model(params.model)
     for n in params.prune.block_sizes:
@@ -47,19 +52,37 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     distances = compute_distances(root, states, title=f"{params.model.ref}")
     base = _evaluate(params, params.model, model_info, [], benchmarks=True)
 
-    rows = []
+    rows, recipes = [], []
     for n in params.prune.block_sizes:
-        with_benchmarks = params.benchmarks.block_sizes is None or \
-            n in params.benchmarks.block_sizes
         for strategy in params.prune.strategies:
             recipe = prune_model(root, params.model, model_info, distances, n, strategy,
                                  params.prune.export_checkpoints)
             drop = recipe["meta"]["removed_layers"]
-            metrics = _evaluate(params, params.model, model_info, drop, with_benchmarks)
+            metrics = _evaluate(params, params.model, model_info, drop, _benchmarked(params, n))
             rows.append({**_describe(recipe, strategy), **metrics})
+            recipes.append(recipe)
+
+    # Healing last: evaluating a healed model loads it in place of the source model.
+    for recipe in recipes if params.heal.enabled else ():
+        n, strategy = recipe["meta"]["n"], recipe["meta"]["strategy"]
+        if n not in params.heal.block_sizes or strategy not in params.heal.strategies:
+            continue
+        healed = heal_variant(root, params.model, model_info, recipe, params.heal)
+        merged = params.model.model_copy(
+            update={"ref": str(stage_files(root, healed) / "merged")})
+        merged_info = {"fingerprint": f"healed-{healed['key']}",
+                       "num_layers": model_info["num_layers"] - n}
+        metrics = _evaluate(params, merged, merged_info, [], _benchmarked(params, n))
+        rows.append({**_describe(recipe, f"{strategy}, healed"), **metrics,
+                     "heal_train_loss": round(healed["meta"]["final_train_loss"], 4)})
     summary = publish_report(root, params, model_info, distances, base, rows)
     logger.info("report: %s", summary["report_uri"])
     return summary
+
+
+def _benchmarked(params: PruneAndHealParams, n: int) -> bool:
+    sizes = params.benchmarks.block_sizes
+    return sizes is None or n in sizes
 
 
 def _evaluate(params: PruneAndHealParams, model: ModelSpec, model_info: dict, drop: list[int],

@@ -109,3 +109,14 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
     Path(out).mkdir(parents=True, exist_ok=True)
     benchmarks.write_metrics(metrics, out)
     return metrics
+
+
+def heal(model: str, data: str, out: str, steps: int, **config) -> dict:
+    """QLoRA-heal a pruned checkpoint: `out/adapter/`, `out/merged/`, `out/heal.json`.
+
+    `config` holds any other `layerprune.heal.HealConfig` field (rank, lr, targets, seq_len,
+    batch_size, quant, ...); an interrupted run into the same `out` resumes.
+    """
+    from layerprune import heal as heal_mod
+
+    return heal_mod.heal(model, data, out, {"steps": steps, **config})

@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("heal", help="QLoRA-heal a pruned checkpoint (adapter + merged model)")
+    p.add_argument("--model", required=True, help="pruned checkpoint directory")
+    p.add_argument("--data", required=True, help="healing text (see --data of distances)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank, 1..64")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"])
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
+    p.add_argument("--no-quant", action="store_true", help="plain LoRA (no 4-bit base)")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("loss", help="mean next-token cross-entropy on held-out text")
     _model_args(p)
     _data_args(p, samples_required=False)
@@ -94,6 +108,11 @@ def run(args: argparse.Namespace) -> dict:
         return api.evaluate(args.model, args.tasks, args.out, args.data, args.seq_len,
                             args.limit, args.shots, args.samples, args.batch_size, args.dtype,
                             args.device)
+    if args.command == "heal":
+        return api.heal(args.model, args.data, args.out, args.steps, rank=args.rank,
+                        lr=args.lr, targets=args.targets, seq_len=args.seq_len,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        save_every=args.save_every, quant=not args.no_quant)
     if args.command == "loss":
         return api.loss(args.model, args.data, args.seq_len, args.out, args.samples,
                         args.batch_size, args.text_field, args.dtype, args.device)

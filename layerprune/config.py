@@ -13,7 +13,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from layerprune.heal import HealConfig
+
 Strategy = Literal["similarity", "heuristic"]
+# The demo's healing on a 2-core CPU: 10 steps of 4 x 128 tokens at lr 2e-3 closed ~80% of the
+# loss gap of SmolLM2 without layers 23..28 in about a minute (lr 3e-4, the paper's, closed 7%
+# in 10 steps); the paper trains for thousands of steps on a GPU. Gradient checkpointing off:
+# memory is not the limit on a CPU and it made steps 1.8x slower.
+DEMO_HEAL_STEPS = 10
+DEMO_HEAL_LR = 2e-3
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -87,7 +95,7 @@ class BenchmarkSpec(_Spec):
     shots: int | None = Field(None, ge=0, description="few-shot examples; null = each task's "
                               "default (MMLU 5 as in the paper, others 0)")
     block_sizes: list[int] | None = Field(
-        default_factory=lambda: [4, 8],
+        default_factory=lambda: [6],
         description="benchmark only the variants with these n (null = every variant); "
                     "MMLU 5-shot costs ~35k tokens per model, loss is always measured")
 
@@ -105,6 +113,21 @@ class BenchmarkSpec(_Spec):
         return v
 
 
+class HealSpec(_Spec):
+    """QLoRA healing of pruned variants (layerprune.heal), evaluated like the unhealed ones."""
+
+    enabled: bool = Field(True, description="heal the variants selected below")
+    block_sizes: list[int] = Field(default_factory=lambda: [6], description="heal variants "
+                                   "with these n (each must be one of prune.block_sizes)")
+    strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
+                                       min_length=1)
+    data: str = Field("bundled:wiki-heal", min_length=1,
+                      description="healing text (C4 in the paper: allenai/c4:en:train)")
+    config: HealConfig = Field(default_factory=lambda: HealConfig(
+        steps=DEMO_HEAL_STEPS, seq_len=128, batch_size=4, lr=DEMO_HEAL_LR, save_every=5,
+        gradient_checkpointing=False))
+
+
 class PruneAndHealParams(_Spec):
     """Everything one `prune-and-heal` run needs; the defaults are the demo."""
 
@@ -113,9 +136,19 @@ class PruneAndHealParams(_Spec):
     prune: PruneSpec = Field(default_factory=PruneSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
     benchmarks: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    heal: HealSpec = Field(default_factory=HealSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     artifacts: str = Field(default_factory=default_artifacts_root,
                            description="artifact store root: a local directory or s3://bucket/prefix")
+
+    @model_validator(mode="after")
+    def _healed_sizes_are_pruned(self) -> PruneAndHealParams:
+        missing = set(self.heal.block_sizes) - set(self.prune.block_sizes) if self.heal.enabled \
+            else set()
+        if missing:
+            raise ValueError(f"heal.block_sizes {sorted(missing)} are not in prune.block_sizes "
+                             f"{self.prune.block_sizes}")
+        return self
 
 
 class SweepParams(_Spec):
@@ -137,6 +170,11 @@ class SweepParams(_Spec):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
+    # Across models the benchmark curves are the point, so every variant is benchmarked by
+    # default; healing (minutes per variant) is opt-in. Their block_sizes select among each
+    # model's own block sizes: a size a model does not have is skipped for that model.
+    benchmarks: BenchmarkSpec = Field(default_factory=lambda: BenchmarkSpec(block_sizes=None))
+    heal: HealSpec = Field(default_factory=lambda: HealSpec(enabled=False))
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     deployment: str = Field("prune-and-heal/default", pattern=r"^[^/\s]+/[^/\s]+$",
                             description="FLOW/DEPLOYMENT that runs one model")
@@ -187,8 +225,15 @@ class SweepParams(_Spec):
 
     def child(self, ref: str, block_sizes: list[int]) -> PruneAndHealParams:
         """The parameters of the per-model run of `ref`."""
+        bench, heal = self.benchmarks, self.heal
+        if bench.block_sizes is not None:
+            bench = bench.model_copy(update={
+                "block_sizes": [n for n in bench.block_sizes if n in block_sizes]})
+        healed = [n for n in heal.block_sizes if n in block_sizes]
+        heal = heal.model_copy(update={"block_sizes": healed,
+                                       "enabled": heal.enabled and bool(healed)})
         return PruneAndHealParams(
             model=ModelSpec(ref=ref, dtype=self.dtype, device=self.device),
             calibration=self.calibration, loss=self.loss,
             prune=PruneSpec(block_sizes=block_sizes, strategies=self.strategies),
-            batch_size=self.batch_size, artifacts=self.artifacts)
+            benchmarks=bench, heal=heal, batch_size=self.batch_size, artifacts=self.artifacts)

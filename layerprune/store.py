@@ -77,13 +77,23 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
-    def scratch(self) -> Path:
+    def scratch(self, resumable: str | None = None) -> Path:
         """A local working directory for a stage, on the store's filesystem when local (so
-        publishing is a rename), else in the system temp dir."""
-        base = None
+        publishing is a rename), else in the system temp dir.
+
+        `resumable`: a stable name instead of a fresh one, so that a retried or rerun stage
+        finds what its interrupted attempt left (e.g. training checkpoints) and resumes.
+        """
         if self.is_local:
             base = Path(self.root) / ".scratch"
-            base.mkdir(parents=True, exist_ok=True)
+        else:
+            from layerprune.assets import cache_dir
+
+            base = cache_dir() / "scratch"
+        base.mkdir(parents=True, exist_ok=True)
+        if resumable:
+            (base / resumable).mkdir(exist_ok=True)
+            return base / resumable
         return Path(tempfile.mkdtemp(prefix="stage-", dir=base))
 
     def publish(self, stage: str, key: str, local_dir: Path, record: dict) -> dict:

@@ -50,10 +50,12 @@ def stage_task(stage: str, version: int, key_params: Callable[..., dict], **opti
 
 
 def run_stage(store_root: str, stage: str, version: int, params: dict,
-              build: Callable[[Path], dict]) -> dict:
+              build: Callable[[Path], dict], resumable: bool = False) -> dict:
     """Return the stage's manifest, building and publishing it first if the store lacks it.
 
     `build(out_dir)` writes the stage's files into `out_dir` and returns small metadata.
+    `resumable`: `out_dir` is the same for every attempt at this key and is kept when `build`
+    fails, so a retry or rerun can pick up where the last attempt stopped.
     """
     logger = get_run_logger()
     store = ArtifactStore(store_root)
@@ -62,14 +64,17 @@ def run_stage(store_root: str, stage: str, version: int, params: dict,
     if manifest is not None:
         logger.info("%s/%s is complete in the store; reusing it", stage, key)
         return manifest
-    work = store.scratch()
+    work = store.scratch(f"{stage}-{key}" if resumable else None)
     try:
         started = time.time()
         meta = build(work)
         record = {"params": params, "meta": meta, "seconds": round(time.time() - started, 3)}
         manifest = store.publish(stage, key, work, record)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     logger.info("%s/%s written in %.1fs to %s", stage, key, manifest["seconds"], manifest["uri"])
     return manifest
 

@@ -33,7 +33,17 @@ def key_params(model_info: dict, model: ModelSpec, drop: list[int], task: str,
     return params
 
 
-@stage_task(STAGE, VERSION, key_params, task_run_name="eval-{task}")
+def run_name() -> str:
+    """e.g. eval-mmlu-base, eval-loss-drop-12-17, eval-boolq-healed (shown in the Prefect UI)."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    drop, healed = p["drop"], p["model_info"]["fingerprint"].startswith("healed-")
+    variant = "healed" if healed else f"drop-{drop[0]}-{drop[-1]}" if drop else "base"
+    return f"eval-{p['task']}-{variant}"
+
+
+@stage_task(STAGE, VERSION, key_params, task_run_name=run_name)
 def evaluate_variant(store_root: str, model: ModelSpec, model_info: dict, drop: list[int],
                      task: str, limit: int | None = None, shots: int | None = None,
                      loss: LossSpec = LossSpec(), batch_size: int = 8) -> dict:

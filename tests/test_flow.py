@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,19 @@ def prefect_api(tmp_path_factory):
 
 
 def _task_states(flow_state) -> dict[str, str]:
+    """{task run name: final state name}. Task states reach the API as events, a moment after
+    the flow returns: wait until none is still pending or running."""
     flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        for _ in range(100):
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state.is_final() for r in runs):
+                break
+            time.sleep(0.2)
+    states = {r.name: r.state.name for r in runs}
+    assert len(states) == len(runs), "task run names must be unique"
+    return states
 
 
 def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHealParams:
@@ -35,6 +44,8 @@ def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHeal
         "loss": {"data": data, "samples": 3, "seq_len": 12},
         "prune": {"block_sizes": sizes, "export_checkpoints": True},
         "benchmarks": {"tasks": {"boolq": 4}, "block_sizes": [1]},
+        "heal": {"block_sizes": [1], "strategies": ["heuristic"], "data": data,
+                 "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": 1}},
         "batch_size": 4, "artifacts": str(root)})
 
 
@@ -42,10 +53,13 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     params = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1])
     first = prune_and_heal(params, return_state=True)
     summary = first.result()
-    assert [r["n"] for r in summary["rows"]] == [1, 1]
+    assert [r["n"] for r in summary["rows"]] == [1, 1, 1]
     manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
     stages = {m.parent.parent.name for m in manifests}
-    assert stages == {"calibration", "hidden_states", "distances", "prune", "eval", "report"}
+    assert stages == {"calibration", "hidden_states", "distances", "prune", "eval", "heal",
+                      "report"}
+    healed = [r for r in summary["rows"] if r["variant"] == "heuristic, healed"]
+    assert len(healed) == 1 and healed[0]["loss"] > 0 and "boolq" in healed[0]
     row = summary["rows"][0]
     assert 0 <= row["boolq"] <= 1 and row["loss"] > 0 and row["bits_per_byte"] > 0
     for m in manifests:  # every listed file is there with the recorded size
@@ -69,7 +83,8 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     computed = {n for n, s in states.items() if s == "Completed"}
     assert {n for n in computed if n.startswith("prune")} == {"prune-similarity-n2",
                                                               "prune-heuristic-n2"}, states
-    assert all(n.startswith(("describe-model", "prune", "eval-loss", "report")) for n in computed)
+    assert all(n.startswith(("describe-model", "prune", "eval-loss-drop", "report"))
+               for n in computed), computed
     assert states["prune-similarity-n1"] == states["prune-heuristic-n1"] == "Cached"
     assert {s for n, s in states.items() if n.startswith(("calibration", "hidden", "dist"))} \
         == {"Cached"}

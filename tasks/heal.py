@@ -1,0 +1,53 @@
+"""Prefect task: heal a pruned variant with QLoRA (layerprune.heal).
+
+The pruned checkpoint is written from the model in memory (or taken from the prune stage when it
+was exported), healed, and published: `adapter/`, `merged/` (a full checkpoint), `heal.json`,
+the loss curve. The working directory is stable per key, so a retried or rerun task resumes
+from the Trainer's last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from layerprune import heal
+from layerprune.config import HealSpec, ModelSpec
+from layerprune.data import fingerprint as data_fingerprint
+from layerprune.prune import save_pruned
+from tasks.common import (model_in_memory, model_lock, progress_reporter, run_stage,
+                          stage_files, stage_task)
+
+STAGE, VERSION = "heal", 1
+
+
+def key_params(model_info: dict, model: ModelSpec, recipe: dict, spec: HealSpec) -> dict:
+    return {"model": model_info["fingerprint"], "dtype": model.dtype,
+            "removed_layers": recipe["meta"]["removed_layers"],
+            "data": data_fingerprint(spec.data), "config": spec.config.model_dump()}
+
+
+@stage_task(STAGE, VERSION, key_params, task_run_name="heal-{recipe[meta][strategy]}-n{recipe[meta][n]}",
+            retries=2)
+def heal_variant(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
+                 spec: HealSpec) -> dict:
+    drop = recipe["meta"]["removed_layers"]
+
+    def build(out: Path):
+        pruned = out.parent / f"{out.name}.pruned"
+        exported = stage_files(store_root, recipe) / "checkpoint"
+        if exported.exists():
+            pruned = exported
+        elif not (pruned / "config.json").exists():
+            with model_lock():
+                save_pruned(model_in_memory(model), drop, pruned, {"strategy":
+                                                                   recipe["meta"]["strategy"]})
+        record = heal.heal(str(pruned), spec.data, str(out), spec.config, resume=True,
+                           progress=progress_reporter("healing"))
+        if pruned != exported:
+            shutil.rmtree(pruned, ignore_errors=True)
+        return {k: record[k] for k in ("final_train_loss", "initial_train_loss", "steps",
+                                       "tokens_seen", "train_seconds", "resumed_from_step")}
+
+    return run_stage(store_root, STAGE, VERSION, key_params(model_info, model, recipe, spec),
+                     build, resumable=True)
