@@ -32,10 +32,32 @@ test: assets
 	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q
 
 test-fast: install
-	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -m "not real"
+	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -m "not real and not e2e"
 
 bench: assets
 	$(PY) benchmarks/extract.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
+
+# --- Production orchestration (docs/operations.md) -------------------------------------------
+# `make server` in one terminal, `make worker` in another, then `make deploy` once.
+# PREFECT_API_URL is set for these targets only: demo and test keep Prefect's temporary server.
+PREFECT := $(VENV)/bin/prefect
+PREFECT_PORT ?= 4200
+GPU_SLOTS ?= 1
+server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+worker: export LAYERPRUNE_REPO ?= $(CURDIR)
+
+.PHONY: server worker deploy
+
+server: install
+	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# One process worker per pool; Ctrl-C stops both. On GPU hosts run only the gpu one
+# (POOLS=gpu), each with LAYERPRUNE_ARTIFACTS and the AWS_* variables set.
+worker: install
+	PREFECT=$(PREFECT) deployments/workers.sh
+
+deploy: install
+	PREFECT=$(PREFECT) GPU_SLOTS=$(GPU_SLOTS) deployments/deploy.sh

@@ -157,7 +157,8 @@ class SweepParams(_Spec):
     per-model run shares."""
 
     models: list[str] = Field(default_factory=lambda: ["bundled:SmolLM2-135M-Instruct"],
-                              min_length=1, description="model refs, one run each (see ModelSpec.ref)")
+                              min_length=1,
+                              description="model refs, one run each (see ModelSpec.ref)")
     fractions: list[float] | None = Field(
         default_factory=lambda: [0.1, 0.2, 0.3, 0.4],
         description="fractions of layers to drop, each in (0, 1); each model gets "

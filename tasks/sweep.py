@@ -1,0 +1,124 @@
+"""Prefect tasks of the sweep: plan each model, run it as a deployment, gather one report.
+
+The per-model work runs as separate flow runs of the `prune-and-heal` deployment on the `gpu`
+work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them.
+Each wait holds one slot of the global concurrency limit `gpu`, so at most that many models
+run at once across every sweep, however many GPU workers are polling.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+
+from layerprune.figures import metric_curves
+from layerprune.models import check_architecture
+from layerprune.remote import storage_options_from_env
+from tasks.common import run_stage, stage_files, stage_task
+
+GPU_LIMIT = "gpu"  # global concurrency limit: `prefect gcl create gpu --limit N` (make deploy)
+STAGE, VERSION = "sweep", 1
+
+
+@task(name="plan-model", retries=1, cache_policy=NO_CACHE)
+def model_depth(ref: str) -> int:
+    """Number of decoder layers of `ref`, from its config alone (no weights are read)."""
+    return check_architecture(ref)
+
+
+@task(name="run-model", task_run_name="run-{label}", cache_policy=NO_CACHE)
+def run_model(deployment: str, params: dict, timeout_s: int, label: str) -> dict:
+    """Run one model through `deployment` and return its summary (the child flow's result)."""
+    logger = get_run_logger()
+    with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        run = run_deployment(deployment, parameters={"params": params}, timeout=timeout_s,
+                             poll_interval=2)
+        state = run.state
+        if state is None or not state.is_final():  # cancel before giving the slot back
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            raise TimeoutError(f"{label}: flow run {run.name} ({run.id}) did not finish "
+                               f"within child_timeout_s={timeout_s}; cancelled")
+    if not state.is_completed():
+        raise RuntimeError(f"{label}: flow run {run.name} ({run.id}) ended {state.name}: "
+                           f"{state.message}")
+    summary = state.result()  # persisted JSON in the artifact store (tasks/results.py)
+    logger.info("%s: flow run %s completed; report %s", label, run.name, summary["report_uri"])
+    return {"model": label, "flow_run": str(run.id), **summary}
+
+
+def _short(ref: str) -> str:
+    return Path(ref.rstrip("/")).name if Path(ref).is_absolute() else ref
+
+
+def model_label(ref: str, refs: list[str]) -> str:
+    """A short name for figures and tables: a path's last component, unless that is ambiguous."""
+    short = _short(ref)
+    return short if [_short(r) for r in refs].count(short) == 1 else ref
+
+
+def _read_results(report_uri: str) -> pd.DataFrame:
+    with fsspec.open(f"{report_uri.rstrip('/')}/results.parquet", "rb",
+                     **storage_options_from_env(report_uri)) as f:
+        return pd.read_parquet(f)
+
+
+def key_params(children: list[dict]) -> dict:
+    return {"reports": sorted((c["model"], c["report_uri"]) for c in children)}
+
+
+def _img(path: Path, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+@stage_task(STAGE, VERSION, key_params)
+def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
+    """One table (parquet) and one figure across models, from each run's stored results."""
+    frames = []
+    for c in children:
+        df = _read_results(c["report_uri"])
+        df.insert(0, "model", c["model"])
+        df["base_loss"] = round(c["base_loss"], 4)
+        frames.append(df.drop(columns=["recipe"], errors="ignore"))
+    # Children label their rows by `variant` ("similarity", "similarity, healed", ...).
+    kind = "variant" if all("variant" in f for f in frames) else "strategy"
+    table = pd.concat(frames, ignore_index=True).sort_values(["model", kind, "n"])
+    # One line per model: the paper's method when it ran, unhealed, from the unpruned model.
+    strategy = "similarity" if "similarity" in set(table[kind]) else table[kind].iloc[0]
+    curve = [{"fraction": 0.0, "variant": c["model"], "loss": c["base_loss"]} for c in children]
+    curve += [{"fraction": r["fraction"], "variant": r["model"], "loss": r["loss"]}
+              for r in table[table[kind] == strategy].to_dict(orient="records")]
+
+    def build(out: Path) -> dict:
+        table.to_parquet(out / "results.parquet", index=False)
+        metric_curves(curve, out / "loss_vs_fraction.png", ["loss"],
+                      title=f"next-token loss against fraction dropped ({strategy})")
+        return {"models": [c["model"] for c in children], "rows": len(table)}
+
+    manifest = run_stage(store_root, STAGE, VERSION, key_params(children), build)
+    figure = stage_files(store_root, manifest) / "loss_vs_fraction.png"
+    records = table.to_dict(orient="records")
+    create_table_artifact(table=records, key="sweep-models",
+                          description="Pruned variants of every model in the sweep")
+    create_markdown_artifact(
+        key="sweep-report", description="prune-and-heal sweep across models",
+        markdown="\n\n".join([
+            f"# prune-and-heal sweep: {len(children)} models",
+            f"Artifacts in `{manifest['uri']}`; each model's own report is linked below.",
+            "## Loss against the fraction of layers dropped", _img(figure, "loss curves"),
+            "## Variants", table.to_markdown(index=False),
+            "## Per-model runs",
+            "\n".join(f"- {c['model']}: `{c['report_uri']}` (flow run {c['flow_run']})"
+                      for c in children),
+        ]))
+    return {"report_uri": manifest["uri"], "rows": records}

@@ -1,0 +1,212 @@
+"""Production orchestration end to end, on loopback: a real S3 endpoint (moto), a real Prefect
+server, process workers on the `gpu` and `cpu` pools, the deployments of
+deployments/prefect.yaml registered by deployments/deploy.sh (what `make deploy` runs).
+
+Covers: a deployment run writing every artifact and Prefect's JSON results to S3, a second run
+that is all cache hits, a two-model sweep fanned out through run_deployment, an unreachable S3
+endpoint failing fast with one clear error, and bad parameters refused at submission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+import s3fs
+from e2e_services import (REPO, free_port, run_cli, run_deploy_script, start_moto,
+                          start_prefect_server, start_worker)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
+                                            FlowRunFilterId, FlowRunFilterParentFlowRunId)
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from layerprune.remote import StoreUnavailable, check_reachable
+from layerprune.store import ArtifactStore
+
+pytestmark = pytest.mark.e2e
+BUCKET = "e2e"
+ROOT = f"s3://{BUCKET}/runs"
+STAGES = {"calibration", "hidden_states", "distances", "prune", "eval", "report"}
+TEXTS = [f"Record {i}: the quick brown fox jumps over the lazy dog and keeps running." for i in
+         range(8)]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """moto + Prefect server + deploy + two workers; all stopped (workers first) afterwards."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
+               PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_UI_ENABLED="false",
+               AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1")
+    started = []
+    mp = pytest.MonkeyPatch()  # this process reads results and artifacts from S3 too
+    try:
+        moto, endpoint = start_moto(env, tmp)
+        started.append(moto)
+        env["AWS_ENDPOINT_URL"] = endpoint
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                  "AWS_ENDPOINT_URL"):
+            mp.setenv(k, env[k])
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        fs.mkdir(BUCKET)  # no region: moto refuses a LocationConstraint
+        server, api = start_prefect_server(env, tmp)
+        started.append(server)
+        env["PREFECT_API_URL"] = api
+        deploy = run_deploy_script(env, gpu_slots=2)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        # Workers poll every 2 s (default 10 s) to keep the test short.
+        worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "LAYERPRUNE_REPO": str(REPO),
+                      "LAYERPRUNE_ARTIFACTS": ROOT}
+        workers = [start_worker(pool, worker_env, tmp) for pool in ("gpu", "cpu")]
+        started[:0] = workers  # stopped first: a flow run must not outlive its server
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield {"env": env, "tmp": tmp, "fs": fs}
+    finally:
+        mp.undo()
+        for svc in started:
+            svc.stop()
+        assert not [s.name for s in started if s.alive()], "a service outlived the test"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("e2e-data") / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return str(path)
+
+
+def _text_specs(data: str) -> dict:
+    """Tiny runs: a few records, loss only (no lm-eval benchmarks, no healing)."""
+    return {"calibration": {"data": data, "samples": 5, "seq_len": 12},
+            "loss": {"data": data, "samples": 3, "seq_len": 12}, "batch_size": 4,
+            "benchmarks": {"tasks": {}}, "heal": {"enabled": False}}
+
+
+def _model_params(model: str, data: str, root: str = ROOT) -> dict:
+    return {"model": {"ref": model}, "prune": {"block_sizes": [1]}, "artifacts": root,
+            **_text_specs(data)}
+
+
+def _cli_run(stack, deployment: str, params: dict, *extra: str) -> str:
+    """`prefect deployment run ... --watch`, as documented; returns the flow run id."""
+    out = run_cli(["deployment", "run", deployment, "--param", f"params={json.dumps(params)}",
+                   "--watch", "--watch-interval", "2", "--watch-timeout", "480", *extra],
+                  stack["env"], timeout_s=540)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "Completed" in text, text[-3000:]
+    return re.search(r"UUID: ([0-9a-f-]{36})", text).group(1)
+
+
+def _flow_run(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data):
+    params = _model_params(tiny_models["llama"], data)
+    flow_run_id = _cli_run(stack, "prune-and-heal/default", params)
+    summary = _flow_run(flow_run_id).state.result()  # persisted JSON, read back through S3
+    assert summary["report_uri"].startswith(f"{ROOT}/report/")
+    assert [r["n"] for r in summary["rows"]] == [1, 1]
+
+    fs = stack["fs"]
+    manifests = fs.glob(f"{BUCKET}/runs/*/*/manifest.json")
+    assert {m.split("/")[2] for m in manifests} == STAGES
+    for m in manifests:  # every file a manifest lists is in the bucket with its size
+        doc = json.loads(fs.cat(m))
+        for rel, meta in doc["files"].items():
+            assert fs.size(m.rsplit("/", 1)[0] + "/" + rel) == meta["bytes"]
+    records = fs.ls(f"{BUCKET}/runs/prefect-results")
+    assert len(records) >= len(STAGES)
+    record = json.loads(fs.cat(records[0]))  # JSON, not pickle
+    assert record["metadata"]["serializer"]["type"] == "json"
+
+    again = run_deployment("prune-and-heal/default", parameters={"params": params},
+                           timeout=480, poll_interval=2)
+    assert again.state.is_completed(), again.state
+    states = _task_states(again.id)
+    assert {s for n, s in states.items() if not n.startswith("describe-model")} == \
+        {"Cached"}, states
+    assert again.state.result()["report_uri"] == summary["report_uri"]
+
+
+def test_sweep_fans_out_and_compares_models(stack, tiny_models, data):
+    models = [tiny_models["llama"], tiny_models["gpt2"]]
+    params = {"models": models, "block_sizes": [1], "artifacts": ROOT,
+              "child_timeout_s": 480, **_text_specs(data)}
+    flow_run_id = _cli_run(stack, "sweep/nightly", params)
+    summary = _flow_run(flow_run_id).state.result()
+    labels = [os.path.basename(m) for m in models]
+    assert summary["completed"] == labels and summary["failed"] == {}
+    assert {r["model"] for r in summary["rows"]} == set(labels)
+
+    fs = stack["fs"]
+    sweep_dir = summary["report_uri"].removeprefix("s3://")
+    for name in ("manifest.json", "results.parquet", "loss_vs_fraction.png"):
+        assert fs.exists(f"{sweep_dir}/{name}"), name
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(flow_run_id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-models"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        gpu_limit = client.read_global_concurrency_limit_by_name("gpu")
+    assert gpu_limit.limit == 2 and gpu_limit.active_slots == 0  # every slot given back
+    assert parent.work_pool_name == "cpu"
+    assert len(children) == 2 and {c.work_pool_name for c in children} == {"gpu"}
+    assert all(c.state.is_completed() for c in children)
+    assert len(artifacts) == 1
+    assert len(json.loads(artifacts[0].data)) == 4  # 2 models x 2 strategies
+
+
+def test_unreachable_store_fails_fast_with_one_clear_error(stack, tiny_models, data,
+                                                          monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    root = f"s3://{BUCKET}/unreachable"
+    run = run_deployment("prune-and-heal/default", timeout=300, poll_interval=2,
+                         parameters={"params": _model_params(tiny_models["llama"], data, root)},
+                         job_variables={"env": {"AWS_ENDPOINT_URL": dead}})
+    assert run.state.is_failed(), run.state
+    assert "artifacts: cannot reach the artifact store" in run.state.message
+    assert dead in run.state.message
+    assert not stack["fs"].exists(f"{BUCKET}/unreachable")  # nothing complete-looking
+
+    # The store itself, in this process: the same bounded retries on every stage's I/O.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    started = time.time()
+    with pytest.raises(Exception, match="Could not connect"):
+        ArtifactStore(root).manifest("loss", "0123")
+    assert time.time() - started < 30  # botocore's defaults: minutes for a black-holed host
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stack["env"]["AWS_ENDPOINT_URL"])
+    with pytest.raises(StoreUnavailable, match="bucket 'no-such-bucket' .* does not exist"):
+        check_reachable("s3://no-such-bucket/runs")
+
+
+def test_bad_parameters_are_refused_at_submission(stack):
+    with get_client(sync_client=True) as client:
+        before = len(client.read_flow_runs())
+    out = run_cli(["deployment", "run", "prune-and-heal/default", "--param",
+                   'params={"batch_size": 0}'], stack["env"])
+    assert out.returncode != 0
+    assert "params.batch_size" in out.stdout + out.stderr
+    with pytest.raises(Exception, match="minimum"):
+        run_deployment("prune-and-heal/default", parameters={"params": {"batch_size": 0}},
+                       timeout=0)
+    with pytest.raises(Exception, match="models"):
+        run_deployment("sweep/nightly", parameters={"params": {"models": []}}, timeout=0)
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == before  # nothing was created
