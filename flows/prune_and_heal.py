@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             params = PruneAndHealParams.model_validate(json.load(f))
     summary = prune_and_heal(params)
     print(summary["table"])
+    print("base model: " + ", ".join(f"{k} {v}" for k, v in summary["base"].items()))
     print(f"\nartifacts: {summary['report_uri']}")
     return 0
 
