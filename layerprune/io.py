@@ -7,6 +7,7 @@ end, so a crash leaves no directory that looks finished.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -59,3 +60,31 @@ def atomic_output_dir(out: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime): model weights are hashed
+    once per process however many stages ask for the model's fingerprint."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def files_hash(root: Path, files: list[Path]) -> str:
+    """Content hash of `files` (under directory `root`, named relative to it; or `root` itself
+    when it is a file): where the files live does not change it."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() if root.is_dir() else b"")
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()[:32]

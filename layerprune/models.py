@@ -16,6 +16,7 @@ from torch import nn
 
 from layerprune.assets import check_bundled, resolve_ref
 from layerprune.errors import LayerPruneError
+from layerprune.io import files_hash
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,26 +89,7 @@ def fingerprint(ref: str) -> str:
         p for p in path.iterdir()
         if p.is_file() and (p.name in _CONFIG_FILES or p.name.endswith(_WEIGHT_SUFFIXES))
     )
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() if path.is_dir() else b"")
-        h.update(_file_sha256(f).encode())
-    return h.hexdigest()[:32]
-
-
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
-    return _sha_cache[key]
+    return files_hash(path, files)
 
 
 def read_config(ref: str, trust_remote_code: bool = False):

@@ -24,6 +24,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from layerprune.io import file_sha256
 from layerprune.remote import storage_options_from_env
 
 MANIFEST = "manifest.json"
@@ -34,14 +35,6 @@ def stage_key(stage: str, version: int, params: dict) -> str:
     blob = json.dumps({"stage": stage, "version": version, "params": params},
                       sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict:
