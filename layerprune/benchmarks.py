@@ -9,6 +9,10 @@ the fraction of layers dropped; ARC, HellaSwag, PIQA and WinoGrande are there fo
 - `limit=N` scores the first N items of each lm-eval task, the same items every run. For MMLU the
   limit applies per subject, as lm-eval applies it to every task of a group: limit=1 scores 57
   questions. MMLU's value is lm-eval's group accuracy, weighted by each subject's item count.
+- lm-eval scores through `layerprune.scoring.SharedPrefixHFLM`: HFLM that encodes each shared
+  few-shot prefix once and computes logits only where an answer is scored (the same scores up
+  to float rounding). Env LAYERPRUNE_EVAL_STOCK_HFLM=1 scores with lm-eval's own HFLM instead,
+  to cross-check a result.
 - "loss" is `layerprune.loss.next_token_loss` on `loss_data` (default `bundled:wiki-heldout`).
 
 Every result is `{"value", "stderr", "n", "metric", "baseline", ...}` where `baseline` is what a
@@ -30,6 +34,7 @@ from layerprune.errors import LayerPruneError
 from layerprune.io import write_json_atomic
 
 ONLINE_ENV = "LAYERPRUNE_EVAL_ONLINE"
+STOCK_HFLM_ENV = "LAYERPRUNE_EVAL_STOCK_HFLM"
 DEFAULT_LOSS_DATA = "bundled:wiki-heldout"
 METRICS_FILE = "metrics.json"
 
@@ -109,7 +114,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None,
     """
     tasks = check_args(tasks, limit, shots, batch_size, loss_data, loss_seq_len, loss_samples)
     if offline is None:
-        offline = os.environ.get(ONLINE_ENV, "").lower() not in ("1", "true", "yes")
+        offline = not _env_flag(ONLINE_ENV)
     results: dict[str, dict] = {}
     harness = [t for t in tasks if t != "loss"]
     was_training = model.training
@@ -127,6 +132,10 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None,
     return {t: results[t] for t in tasks}
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir/metrics.json` atomically; returns its path."""
     path = Path(out_dir) / METRICS_FILE
@@ -142,6 +151,8 @@ def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: i
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from layerprune.scoring import SharedPrefixHFLM
+
     if offline:
         from layerprune import lm_eval_tasks
 
@@ -153,7 +164,8 @@ def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: i
         manager = TaskManager()
         names = {t: TASKS[t].stock for t in tasks}
     # HFLM sets a pad token on tokenizers that lack one: give it a copy, not the caller's.
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    lm_class = HFLM if _env_flag(STOCK_HFLM_ENV) else SharedPrefixHFLM
+    lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     # simple_evaluate takes one num_fewshot for all its tasks: one call per distinct shot count.
     by_shots: dict[int, list[str]] = defaultdict(list)
     for t in tasks:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerprune.batching import pad_token_id
+from layerprune.batching import MAX_PADDED_RATIO, length_buckets, pad_token_id
 from layerprune.calibration import tokenize
 from layerprune.hidden_states import last_token_states
 from layerprune.models import load_model
@@ -21,6 +21,15 @@ def loaded(tiny_model):
 def _states(loaded, ids, batch_size, side):
     return last_token_states(loaded.model, ids, batch_size, side, pad_token_id(loaded.tokenizer),
                              show_bar=False)
+
+
+def test_length_buckets_bound_batch_size_and_padding():
+    ids = [[0] * n for n in (10, 3, 11, 4, 30, 12, 3)]
+    buckets = length_buckets(ids, batch_size=2)
+    assert buckets == [[1, 6], [3], [0, 2], [5], [4]]
+    for bucket in buckets:
+        lengths = [len(ids[i]) for i in bucket]
+        assert len(bucket) <= 2 and max(lengths) <= MAX_PADDED_RATIO * min(lengths)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
