@@ -22,14 +22,15 @@ def prefect_api(tmp_path_factory):
 
 
 def _task_states(flow_state) -> dict[str, str]:
-    """{task run name: final state name}. Task states reach the API as events, a moment after
-    the flow returns: wait until none is still pending or running."""
+    """{task run name: final state name}. Task runs and their states reach the API as events, a
+    moment after the flow returns: wait until every run has a state and none is still pending or
+    running (a run can be listed before its first state arrives)."""
     flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         for _ in range(100):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state.is_final() for r in runs):
+            if all(r.state is not None and r.state.is_final() for r in runs):
                 break
             time.sleep(0.2)
     states = {r.name: r.state.name for r in runs}
