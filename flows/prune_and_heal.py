@@ -63,11 +63,13 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
             recipes.append(recipe)
 
     # Healing last: evaluating a healed model loads it in place of the source model.
+    heals = {}
     for recipe in recipes if params.heal.enabled else ():
         n, strategy = recipe["meta"]["n"], recipe["meta"]["strategy"]
         if n not in params.heal.block_sizes or strategy not in params.heal.strategies:
             continue
         healed = heal_variant(root, params.model, model_info, recipe, params.heal)
+        heals[f"{strategy}, n={n}"] = healed
         merged = params.model.model_copy(
             update={"ref": str(stage_files(root, healed) / "merged")})
         merged_info = {"fingerprint": f"healed-{healed['key']}",
@@ -75,7 +77,7 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
         metrics = _evaluate(params, merged, merged_info, [], _benchmarked(params, n))
         rows.append({**_describe(recipe, f"{strategy}, healed"), **metrics,
                      "heal_train_loss": round(healed["meta"]["final_train_loss"], 4)})
-    summary = publish_report(root, params, model_info, distances, base, rows)
+    summary = publish_report(root, params, model_info, distances, base, rows, heals)
     logger.info("report: %s", summary["report_uri"])
     return summary
 

@@ -1,4 +1,5 @@
-"""Figures in the style of the paper: the distance heatmap (Fig. 1c) and metric curves (Fig. 1d).
+"""Figures in the style of the paper: the distance heatmap (Fig. 1c) and metric curves (Fig. 1d),
+and the healing runs' train-loss curves.
 
 Written with matplotlib's Agg backend to PNG, atomically, so they work on headless workers.
 """
@@ -70,4 +71,19 @@ def metric_curves(rows: list[dict], path: str | Path, metrics: list[str],
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    _save(fig, path)
+
+
+def train_loss_curves(curves: dict[str, list[dict]], path: str | Path,
+                      title: str = "healing") -> None:
+    """Train loss against step, one line per run; `curves` maps a label to [{"step", "loss"}]."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, curve in curves.items():
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
     _save(fig, path)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -34,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from layerprune.assets import resolve_ref
 from layerprune.data import check_source, read_records
 from layerprune.errors import LayerPruneError
+from layerprune.figures import train_loss_curves
 from layerprune.io import atomic_output_dir, write_json_atomic
 from layerprune.models import check_model_ref, decoder_layers, load_tokenizer, read_config
 
@@ -312,7 +311,7 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
     }
     merge(path, out / "adapter", out / "merged", tokenizer, record)
     write_json_atomic(out / "loss_curve.json", curve)
-    plot_loss(curve, out / "loss_curve.png")
+    train_loss_curves({"train loss": curve}, out / "loss_curve.png")
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: Trainer's pickles are not needed
     record["wall_seconds"] = time.perf_counter() - start
     write_json_atomic(out / "heal.json", record)  # last: marks the run finished
@@ -351,22 +350,3 @@ def healing_card(record: dict) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in cfg.items()
               if k not in ("rank", "alpha", "dropout", "steps")]
     return "\n".join(lines) + "\n"
-
-
-def plot_loss(curve: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve])
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats/token)")
-    ax.set_title("healing")
-    ax.grid(alpha=0.3)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)

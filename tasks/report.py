@@ -7,6 +7,7 @@ whatever the artifact store is (a local path or an S3 URL would not render in a 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,15 +15,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerprune.config import PruneAndHealParams
 from layerprune.distances import HEATMAP_FILE
-from layerprune.figures import metric_curves
+from layerprune.figures import metric_curves, train_loss_curves
 from tasks.common import run_stage, stage_files, stage_task
 
 STAGE, VERSION = "report", 1
+HEALING_FIGURE = "healing_curves.png"
 
 
-def key_params(model_info: dict, distances: dict, base: dict, rows: list[dict]) -> dict:
+def key_params(model_info: dict, distances: dict, base: dict, rows: list[dict],
+               heals: dict[str, dict]) -> dict:
     return {"model": model_info["fingerprint"], "distances": distances["key"], "base": base,
-            "rows": rows}
+            "rows": rows, "heals": {label: m["key"] for label, m in heals.items()}}
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
@@ -38,7 +41,9 @@ def _img(path: Path, alt: str) -> str:
 
 @stage_task(STAGE, VERSION, key_params)
 def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict,
-                   distances: dict, base: dict, rows: list[dict]) -> dict:
+                   distances: dict, base: dict, rows: list[dict],
+                   heals: dict[str, dict]) -> dict:
+    """`heals`: {variant label: heal stage manifest}; their loss curves go in one figure."""
     base_loss = base["loss"]
     table = pd.DataFrame(rows).sort_values(["n", "variant"]).reset_index(drop=True)
     table["loss_increase"] = (table["loss"] - base_loss).round(4)
@@ -48,10 +53,14 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
         table.to_parquet(out / "results.parquet", index=False)
         metric_curves(rows, out / "metrics_vs_fraction.png", metrics, base=base,
                       title=model_info["ref"])
+        if heals:
+            curves = {label: json.loads((stage_files(store_root, m) / "loss_curve.json")
+                                        .read_text()) for label, m in heals.items()}
+            train_loss_curves(curves, out / HEALING_FIGURE, title="QLoRA healing")
         return {"rows": len(rows), "base": base}
 
     manifest = run_stage(store_root, STAGE, VERSION,
-                         key_params(model_info, distances, base, rows), build)
+                         key_params(model_info, distances, base, rows, heals), build)
     report_dir = stage_files(store_root, manifest)
     heatmap = stage_files(store_root, distances) / HEATMAP_FILE
     shown = table.drop(columns=[c for c in table if c.endswith("_baseline")])
@@ -72,6 +81,8 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
             _img(heatmap, "distance heatmap"),
             "## Metrics against the fraction of layers dropped (the paper's Fig. 1d)",
             _img(report_dir / "metrics_vs_fraction.png", "metric curves"),
+            *(["## Healing: train loss of each QLoRA run",
+               _img(report_dir / HEALING_FIGURE, "healing curves")] if heals else []),
             "## Variants",
             shown.to_markdown(index=False),
         ]),

@@ -70,6 +70,7 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     exported = [m.parent / "checkpoint" for m in manifests if m.parent.parent.name == "prune"]
     assert all((c / "model.safetensors").exists() for c in exported)
     assert (Path(summary["report_uri"]) / "results.parquet").exists()
+    assert (Path(summary["report_uri"]) / "healing_curves.png").stat().st_size > 0
     assert not list((tmp_path / "store").glob("*/.*.tmp*"))
 
     mtimes = {m: m.stat().st_mtime_ns for m in manifests}
