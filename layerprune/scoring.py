@@ -11,7 +11,8 @@ in three steps:
 
 1. Rows: a request's model input is context+continuation minus its last token, left-truncated
    to max_length, exactly as in HFLM. Requests with the same input share one row (MMLU's four
-   letters, BoolQ's yes/no), which HFLM also does.
+   letters, BoolQ's yes/no), as in HFLM; each reads its own last positions of that row (HFLM
+   0.4.13 reads the first ones when the shared requests' continuations differ in length).
 2. Groups: rows sorted in token order put those with a common start next to each other. A run
    of rows whose common prefix is at least MIN_SHARED_PREFIX tokens is a group; its prefix never
    covers a scored position. The prefix runs once (batch 1) and its KV cache is copied for each
