@@ -23,7 +23,10 @@ commoner answer); for loss ln(vocabulary size), the loss of a uniform prediction
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import logging
 import math
 import os
 from collections import Counter, defaultdict
@@ -165,18 +168,49 @@ def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: i
         names = {t: TASKS[t].stock for t in tasks}
     # HFLM sets a pad token on tokenizers that lack one: give it a copy, not the caller's.
     lm_class = HFLM if _env_flag(STOCK_HFLM_ENV) else SharedPrefixHFLM
-    lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     # simple_evaluate takes one num_fewshot for all its tasks: one call per distinct shot count.
     by_shots: dict[int, list[str]] = defaultdict(list)
     for t in tasks:
         by_shots[TASKS[t].shots if shots is None else shots].append(t)
     out = {}
-    for k, group in by_shots.items():
-        res = simple_evaluate(model=lm, tasks=[names[t] for t in group], num_fewshot=k,
-                              limit=limit, task_manager=manager, log_samples=True)
-        for t in group:
-            out[t] = _summarise(t, names[t], res, k)
+    with _quiet_harness():
+        lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        for k, group in by_shots.items():
+            res = simple_evaluate(model=lm, tasks=[names[t] for t in group], num_fewshot=k,
+                                  limit=limit, task_manager=manager, log_samples=True)
+            for t in group:
+                out[t] = _summarise(t, names[t], res, k)
     return out
+
+
+# lm-eval warnings that our use triggers by design: a model object instead of a name, a
+# num_fewshot for every task, task YAMLs that rely on default aggregations.
+_EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type", "Passed an already-initialized",
+                      "Overwriting default num_fewshot", "but higher_is_better is not",
+                      "but aggregation is not")
+
+
+@contextlib.contextmanager
+def _quiet_harness():
+    """Drop lm-eval's expected warnings and its per-task context-building bars (one bar per
+    MMLU subject: 57 lines per pass); other warnings and the scoring bar stay."""
+    import lm_eval.api.task as lm_eval_task
+
+    def unexpected(record: logging.LogRecord) -> bool:
+        return not any(w in record.getMessage() for w in _EXPECTED_WARNINGS)
+
+    loggers = [logging.getLogger(f"lm_eval.{n}") for n in ("models.huggingface", "evaluator",
+                                                            "api.task")]
+    real_tqdm = lm_eval_task.tqdm
+    lm_eval_task.tqdm = functools.partial(real_tqdm, disable=True)
+    for logger in loggers:
+        logger.addFilter(unexpected)
+    try:
+        yield
+    finally:
+        lm_eval_task.tqdm = real_tqdm
+        for logger in loggers:
+            logger.removeFilter(unexpected)
 
 
 def _summarise(task: str, name: str, res: dict, shots: int) -> dict:
