@@ -3,10 +3,12 @@
 Each record is scored on its own (no packing across records): the loss sums -log p(t_i | t_<i)
 over positions 1..len-1 of every record and divides by the number of such tokens. Batches are
 bucketed by length and right-padded; padded positions are masked out, so the batch size never
-changes the result.
+changes the result. `loss_metrics` adds bits per byte, which does not depend on the tokenizer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,3 +39,46 @@ def next_token_loss(model, tokenizer, ids: list[list[int]], batch_size: int = 8,
     if count == 0:
         raise ValueError("loss: every record is a single token; nothing to predict")
     return {"loss": total / count, "tokens": count}
+
+
+def loss_metrics(model, tokenizer, source: str, seq_len: int, samples: int | None,
+                 batch_size: int, text_field: str = "text") -> dict:
+    """Next-token loss over the first `samples` records of `source`, and bits per byte.
+
+    loss: total nats / predicted tokens (`next_token_loss`: every token of a record but its
+    first is predicted from the ones before it; records are scored separately, truncated to
+    their first `seq_len` tokens).
+    bits_per_byte: the same total nats / ln(2) / the UTF-8 bytes of the text those predicted
+    tokens spell (each record's text from the start of its second token to the end of its last
+    kept token). Unlike loss it does not depend on the tokenizer, so models with different
+    vocabularies compare.
+    """
+    from layerprune.calibration import tokenize
+    from layerprune.data import read_records
+
+    texts = read_records(source, limit=samples, text_field=text_field)
+    ids = tokenize(texts, tokenizer, seq_len)
+    res = next_token_loss(model, tokenizer, ids, batch_size, show_bar=False)
+    nats = res["loss"] * res["tokens"]
+    n_bytes = sum(predicted_bytes(text, row, tokenizer) for text, row in zip(texts, ids))
+    vocab = model.get_output_embeddings().out_features
+    return {"value": res["loss"], "stderr": None, "n": len(ids), "metric": "loss",
+            "baseline": math.log(vocab), "tokens": res["tokens"], "bytes": n_bytes,
+            "bits_per_byte": nats / math.log(2) / n_bytes, "data": source, "seq_len": seq_len}
+
+
+def predicted_bytes(text: str, ids: list[int], tokenizer) -> int:
+    """UTF-8 bytes of the part of `text` spelled by ids[1:] (the tokens the loss predicts).
+
+    `ids` must be the first len(ids) tokens of `tokenizer(text)`. Fast tokenizers give each
+    token's character span; others fall back to decoding the predicted tokens.
+    """
+    if len(ids) < 2:
+        return 0
+    if getattr(tokenizer, "is_fast", False):
+        spans = tokenizer(text, return_offsets_mapping=True)["offset_mapping"][1:len(ids)]
+        real = [(a, b) for a, b in spans if b > a]  # special tokens have empty spans
+        if not real:
+            return 0
+        return len(text[real[0][0]:max(b for _, b in real)].encode("utf-8"))
+    return len(tokenizer.decode(ids[1:], skip_special_tokens=True).encode("utf-8"))
