@@ -7,12 +7,16 @@
   manifests. A crash leaves no manifest, so a rerun redoes exactly the unfinished stage.
 - Every object is written atomically: local files by rename, S3 objects by single PUTs.
 
+A remote store's network or S3 error in the middle of a stage (after the bounded retries of
+`layerprune.remote`) surfaces as one `StoreUnavailable` that names the store and the stage.
+
 Credentials and endpoints come from fsspec's usual sources (the AWS environment, ~/.aws, or
 `storage_options`), never from paths, so they never show up in logs or flow parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +29,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from layerprune.io import file_sha256
-from layerprune.remote import storage_options_from_env
+from layerprune.remote import StoreUnavailable, storage_options_from_env
 
 MANIFEST = "manifest.json"
 
@@ -62,11 +66,29 @@ class ArtifactStore:
         return self.fs.unstrip_protocol(self.path(stage, key)) if not self.is_local \
             else self.path(stage, key)
 
+    @contextlib.contextmanager
+    def _remote_errors(self, action: str):
+        """On a remote store, turn transport and S3 errors into one StoreUnavailable; a missing
+        object (FileNotFoundError) and local errors pass through unchanged."""
+        from aiohttp import ClientError as HTTPError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except (OSError, BotoCoreError, ClientError, HTTPError, TimeoutError) as e:
+            if self.is_local:
+                raise
+            raise StoreUnavailable(f"artifacts: {action} in {self.root_url!r} failed after "
+                                   f"bounded retries ({type(e).__name__}: {e})") from e
+
     def manifest(self, stage: str, key: str) -> dict | None:
         """The stage's manifest if it is complete, else None."""
         try:
-            with self.fs.open(self.path(stage, key, MANIFEST), "r") as f:
-                return json.load(f)
+            with self._remote_errors(f"reading {stage}/{key}/{MANIFEST}"):
+                with self.fs.open(self.path(stage, key, MANIFEST), "r") as f:
+                    return json.load(f)
         except FileNotFoundError:
             return None
 
@@ -93,14 +115,16 @@ class ArtifactStore:
         """Move/upload every file of `local_dir`, then write the manifest last."""
         started = time.time()
         files = {}
-        for f in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            rel = f.relative_to(local_dir).as_posix()
-            files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
-            self._put(f, self.path(stage, key, rel))
-        manifest = {"stage": stage, "key": key, "uri": self.uri(stage, key), "files": files,
-                    "versions": library_versions(), **record,
-                    "publish_seconds": round(time.time() - started, 3)}
-        self._put_bytes(json.dumps(manifest, indent=2).encode(), self.path(stage, key, MANIFEST))
+        with self._remote_errors(f"publishing {stage}/{key}"):
+            for f in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+                rel = f.relative_to(local_dir).as_posix()
+                files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+                self._put(f, self.path(stage, key, rel))
+            manifest = {"stage": stage, "key": key, "uri": self.uri(stage, key), "files": files,
+                        "versions": library_versions(), **record,
+                        "publish_seconds": round(time.time() - started, 3)}
+            self._put_bytes(json.dumps(manifest, indent=2).encode(),
+                            self.path(stage, key, MANIFEST))
         shutil.rmtree(local_dir, ignore_errors=True)
         return manifest
 
@@ -116,13 +140,17 @@ class ArtifactStore:
         dest = cache_dir() / "store" / stage / key
         if not (dest / MANIFEST).exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_mkdir(dest.parent)))
-            for rel, meta in manifest["files"].items():
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self.path(stage, key, rel), str(target))
-                if file_sha256(target) != meta["sha256"]:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise OSError(f"{stage}/{key}/{rel}: checksum mismatch after download")
+            try:  # a failed download leaves nothing behind
+                for rel, meta in manifest["files"].items():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with self._remote_errors(f"downloading {stage}/{key}/{rel}"):
+                        self.fs.get_file(self.path(stage, key, rel), str(target))
+                    if file_sha256(target) != meta["sha256"]:
+                        raise OSError(f"{stage}/{key}/{rel}: checksum mismatch after download")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             (tmp / MANIFEST).write_text(json.dumps(manifest))
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)

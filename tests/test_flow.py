@@ -23,15 +23,19 @@ def prefect_api(tmp_path_factory):
 
 def _task_states(flow_state) -> dict[str, str]:
     """{task run name: final state name}. Task runs and their states reach the API as events, a
-    moment after the flow returns: wait until every run has a state and none is still pending or
-    running (a run can be listed before its first state arrives)."""
+    moment after the flow returns: wait until the listed runs all have a final state, twice in a
+    row with the same count (a run can be listed before its first state arrives, and some runs
+    before others)."""
     flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
+        settled = None  # how many runs were listed, all final, at the last poll
         for _ in range(100):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs):
+            final = runs and all(r.state is not None and r.state.is_final() for r in runs)
+            if final and len(runs) == settled:  # the same twice in a row: nothing more to come
                 break
+            settled = len(runs) if final else None
             time.sleep(0.2)
     states = {r.name: r.state.name for r in runs}
     assert len(states) == len(runs), "task run names must be unique"

@@ -90,3 +90,29 @@ def test_deployments_file_matches_the_flows():
     container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
         "containers"][0]
     assert "nvidia.com/gpu" in container["resources"]["limits"]
+
+
+def test_a_store_that_stops_answering_mid_stage_fails_with_one_clear_error(monkeypatch,
+                                                                           tmp_path):
+    import socket
+
+    from layerprune.store import ArtifactStore
+
+    with socket.socket() as s:  # a loopback port nobody listens on: every connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = ArtifactStore("s3://bucket/prefix")
+    with pytest.raises(StoreUnavailable, match=r"reading eval/abc/manifest.json in "
+                                               r"'s3://bucket/prefix' failed after bounded"):
+        store.manifest("eval", "abc")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(StoreUnavailable, match="publishing eval/abc in 's3://bucket/prefix'"):
+        store.publish("eval", "abc", out, {})
+    assert (out / "metrics.json").exists()  # the stage's output is kept for a retry
