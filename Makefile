@@ -45,7 +45,7 @@ clean:
 # PREFECT_API_URL is set for these targets only: demo and test keep Prefect's temporary server.
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
-GPU_SLOTS ?= 1
+GPU_SLOTS ?=
 server worker deploy: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 worker: export LAYERPRUNE_REPO ?= $(CURDIR)
 
@@ -54,10 +54,13 @@ worker: export LAYERPRUNE_REPO ?= $(CURDIR)
 server: install
 	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-# One process worker per pool; Ctrl-C stops both. On GPU hosts run only the gpu one
-# (POOLS=gpu), each with LAYERPRUNE_ARTIFACTS and the AWS_* variables set.
+# Process workers on both pools; Ctrl-C stops them. On a GPU host, one gpu worker per GPU
+# (CUDA_VISIBLE_DEVICES, --limit 1): GPU_IDS=0,1 or GPU_GROUPS="0,1 2,3" (k-GPU runs) override
+# what nvidia-smi lists. On GPU hosts run only those (POOLS=gpu), with LAYERPRUNE_ARTIFACTS and
+# the AWS_* variables set.
 worker: install
 	PREFECT=$(PREFECT) deployments/workers.sh
 
+# GPU_SLOTS: the `gpu` limit; empty = the GPUs nvidia-smi lists here, else 1.
 deploy: install
 	PREFECT=$(PREFECT) GPU_SLOTS=$(GPU_SLOTS) deployments/deploy.sh

@@ -3,14 +3,18 @@
 # deployment of deployments/prefect.yaml. Idempotent; `make deploy` and the e2e test run it.
 #
 #   PREFECT           the prefect CLI (default: prefect on PATH)
-#   GPU_SLOTS         models that may run at once across all sweeps (default 1)
+#   GPU_SLOTS         GPUs that runs may hold at once (global concurrency limit `gpu`; a
+#                     k-GPU run holds k): default, the GPUs `nvidia-smi -L` lists here, else 1
 #   GPU_POOL_TYPE     process (default), docker or kubernetes
 #   GPU_POOL_TEMPLATE base job template for a docker/kubernetes gpu pool, e.g.
 #                     deployments/docker-gpu-pool.json (needs prefect-docker / prefect-kubernetes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=${PREFECT:-prefect}
-GPU_SLOTS=${GPU_SLOTS:-1}
+if [ -z "${GPU_SLOTS:-}" ]; then
+  GPU_SLOTS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+  [ "$GPU_SLOTS" -ge 1 ] 2>/dev/null || GPU_SLOTS=1
+fi
 GPU_POOL_TYPE=${GPU_POOL_TYPE:-process}
 
 create_pool() {  # name type [template]

@@ -5,7 +5,8 @@
                                                                   └──────────── eval base model
 eval = next-token loss (+ bits per byte) and lm-eval benchmarks (MMLU, BoolQ, ...), one task run
 per (variant, metric). Each box is a cached task (tasks/); artifacts live in the store under
-`params.artifacts`.
+`params.artifacts`. Healing runs in this process, or as one `heal-variant` run per variant on
+the gpu pool (`heal.dispatch`, flows/heal.py).
 Run `python -m flows.prune_and_heal` for the demo defaults, or trigger the deployment.
 """
 
@@ -17,6 +18,7 @@ import sys
 
 from prefect import flow, get_run_logger
 
+from flows.heal import heal_in_deployments
 from layerprune.config import ModelSpec, PruneAndHealParams
 from layerprune.data import check_source
 from layerprune.prune import check_block_size
@@ -24,9 +26,10 @@ from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
 from tasks.common import stage_files
+from tasks.gpus import GpuSlots, gpu_slots
 from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
-from tasks.models import describe_model
+from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
 from tasks.report import publish_report
 from tasks.results import use_artifact_store
@@ -35,20 +38,30 @@ from tasks.results import use_artifact_store
 # The summary is persisted as JSON (no pickle) so a sweep can read it from another process.
 @flow(name="prune-and-heal", log_prints=True, persist_result=True, result_serializer="json")
 def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
-    logger = get_run_logger()
-    root = params.artifacts
     # Cheap checks first: a bad data path or block size fails before any model is loaded.
     check_source(params.calibration.data)
     check_source(params.loss.data)
     if params.heal.enabled:
         check_source(params.heal.data)
-    use_artifact_store(root)  # fails fast if unreachable; results + cache records go there
+    use_artifact_store(params.artifacts)  # fails fast if unreachable; results + cache go there
+    # A run from a deployment (UI, CLI, schedule, sweep) holds its `gpu_count` slots of the
+    # global limit `gpu` from here on: taken by the run itself, so the limit covers every run
+    # however started, and given back while heal-variant children heal (tasks/gpus.py).
+    with gpu_slots() as gpus:
+        return _prune_and_heal(params, gpus)
+
+
+def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
+    logger = get_run_logger()
+    root = params.artifacts
     model_info = describe_model(params.model)
+    params = params.model_copy(update={"model": pinned(params.model, model_info)})
     for n in params.prune.block_sizes:
         check_block_size(n, model_info["num_layers"])
 
     tokens = calibrate(root, params.model, model_info, params.calibration)
-    states = extract_hidden_states(root, params.model, model_info, tokens, params.batch_size)
+    states = extract_hidden_states(root, params.model, model_info, tokens, params.batch_size,
+                                   params.extraction)
     distances = compute_distances(root, states, title=f"{params.model.ref}")
     base = _evaluate(params, params.model, model_info, [], benchmarks=True)
 
@@ -63,12 +76,19 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
             recipes.append(recipe)
 
     # Healing last: evaluating a healed model loads it in place of the source model.
+    chosen = [r for r in recipes if params.heal.enabled
+              and r["meta"]["n"] in params.heal.block_sizes
+              and r["meta"]["strategy"] in params.heal.strategies]
+    dispatched = {}
+    if chosen and params.heal.dispatch == "deployment":
+        with gpus.released():  # each heal-variant run holds slots of its own (flows/heal.py)
+            dispatched = dict(enumerate(heal_in_deployments(
+                root, params.model, model_info, chosen, params.heal, max(gpus.count, 1))))
     heals = {}
-    for recipe in recipes if params.heal.enabled else ():
+    for i, recipe in enumerate(chosen):
         n, strategy = recipe["meta"]["n"], recipe["meta"]["strategy"]
-        if n not in params.heal.block_sizes or strategy not in params.heal.strategies:
-            continue
-        healed = heal_variant(root, params.model, model_info, recipe, params.heal)
+        healed = dispatched[i] if dispatched else heal_variant(root, params.model, model_info,
+                                                                recipe, params.heal)
         heals[f"{strategy}, n={n}"] = healed
         merged = params.model.model_copy(
             update={"ref": str(stage_files(root, healed) / "merged")})

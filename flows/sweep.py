@@ -2,6 +2,10 @@
 
     plan (depth of each model) ─► run-model × M (run_deployment, ≤ `gpu` limit at once) ─► report
 
+Each child asks for `gpu_count` GPUs (SweepParams.gpu_count / gpu_counts): a job variable the
+Docker and Kubernetes templates turn into a device request, and that many `gpu` slots held by
+the child itself (tasks/gpus.py).
+
 Runs on the `cpu` work pool; its children run on the `gpu` pool. A parent that waits on its
 children must not share their pool: with the pool's slots all taken by waiting parents, no
 child could ever start (a deadlock seen with a limit of 1). Deploy with `make deploy`; run with
@@ -31,7 +35,7 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
 
     runs = {ref: run_model.submit(params.deployment,
                                   params.child(ref, sizes[ref]).model_dump(mode="json"),
-                                  params.child_timeout_s, labels[ref])
+                                  params.child_timeout_s, labels[ref], params.gpus_for(ref))
             for ref in params.models}
     wait(list(runs.values()))
     done = [f.result() for f in runs.values() if f.state.is_completed()]

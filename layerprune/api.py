@@ -9,48 +9,90 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune import calibration, distances as dist, hidden_states, loss as loss_mod
-from layerprune import prune as prune_mod
-from layerprune.batching import PADDING_SIDES, pad_token_id
+from layerprune import prune as prune_mod, streaming
+from layerprune.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
 from layerprune.data import check_source
 from layerprune.errors import LayerPruneError
 from layerprune.io import atomic_output_dir, write_json_atomic
-from layerprune.models import check_architecture, check_model_ref, load_model, resolve_dtype
+from layerprune.models import (LoadedModel, check_architecture, check_model_ref, load_model,
+                               load_tokenizer)
 
 
-def _check_common(model: str, dtype: str, batch_size: int) -> None:
+def model_spec(model: str, placement: dict):
+    """The model and how to hold it (dtype, device, quantization, device_map, max_memory,
+    offload_folder, revision, trust_remote_code: `layerprune.config.ModelSpec`), validated."""
+    from pydantic import ValidationError
+
+    from layerprune.config import ModelSpec
+
     check_model_ref(model)
-    resolve_dtype(dtype)
+    try:
+        return ModelSpec(ref=model, **placement)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "model"
+        raise LayerPruneError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def _load(spec) -> LoadedModel:
+    check_architecture(spec.ref, spec.trust_remote_code, spec.revision)
+    return load_model(spec.ref, **spec.load_options())
+
+
+def _check_common(model: str, placement: dict, batch_size: int):
+    spec = model_spec(model, placement)
     if batch_size <= 0:
         raise LayerPruneError(f"batch_size must be a positive integer, got {batch_size}")
+    return spec
 
 
 def distances(model: str, data: str, samples: int, seq_len: int, out: str,
-              batch_size: int = 8, seed: int | None = None, padding_side: str = "right",
-              text_field: str = "text", dtype: str = "float32", device: str = "cpu") -> dict:
-    """Write `out/distances.json`, `out/heatmap.png` (and the calibration tokens)."""
-    _check_common(model, dtype, batch_size)
+              batch_size: int | str | None = "auto", seed: int | None = None,
+              padding_side: str = "right", text_field: str = "text", extraction: str = "auto",
+              memory_budget: int | str | None = None, **placement) -> dict:
+    """Write `out/distances.json`, `out/heatmap.png` (and the calibration tokens); return the
+    document plus "extraction", the way the hidden states were computed.
+
+    `batch_size`: "auto" is the fastest for the device (`batching.resolve_batch_size`).
+    `extraction`: "in-memory", "streamed" (one layer at a time, `layerprune.streaming`) or "auto":
+    streamed when the model does not fit `memory_budget` ("700MB", "40GB"; default: the memory
+    available), the most weights + activations held at once. `placement`: how the model is
+    held (`model_spec`)."""
+    spec = model_spec(model, placement)
+    batch_size = resolve_batch_size(batch_size, spec.device)
     calibration.check_sizes(samples, seq_len)
     check_source(data)
     if padding_side not in PADDING_SIDES:
         raise LayerPruneError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     texts = calibration.sample_texts(data, samples, seed, text_field)
-    check_architecture(model)
-    loaded = load_model(model, dtype, device)
+    mode = streaming.extraction_for(spec, len(texts), seq_len, batch_size, extraction,
+                                    memory_budget)
+    loaded = _load(spec) if mode == "in-memory" else None
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(spec.ref, spec.trust_remote_code,
+                                                               spec.revision)
     with atomic_output_dir(out) as tmp:
-        ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
+        ids = calibration.tokenize(texts, tokenizer, seq_len)
         calibration.save_tokens(ids, tmp)
-        states = hidden_states.last_token_states(
-            loaded.model, ids, batch_size, padding_side,
-            pad_token_id(loaded.tokenizer))
+        pad = pad_token_id(tokenizer)
+        if loaded:
+            states = hidden_states.last_token_states(loaded.model, ids, batch_size,
+                                                     padding_side, pad)
+        else:
+            states = streaming.last_token_states_streamed(
+                spec.ref, ids, batch_size, padding_side, pad, max_memory=memory_budget,
+                **streaming.streamed_options(spec))
         doc = dist.compute(states, tmp, title=f"{Path(model).name}: {samples} samples")
-    return doc
+    return {**doc, "extraction": mode}
 
 
 def prune(model: str, n: int, out: str, start: int | None = None, strategy: str | None = None,
-          distances_dir: str | None = None, dtype: str = "float32") -> dict:
-    """Remove a block of n layers and save a checkpoint in `out`; returns `prune.json`."""
-    check_model_ref(model)
-    resolve_dtype(dtype)
+          distances_dir: str | None = None, dtype: str = "auto") -> dict:
+    """Remove a block of n layers and save a checkpoint in `out`; returns `prune.json`.
+
+    A local safetensors checkpoint is pruned by surgery on disk, never loaded, in the dtype it
+    has (`dtype` auto, or that dtype); another dtype, a GGUF file or a hub id loads and saves
+    (`prune.write_pruned`)."""
+    model_spec(model, {"dtype": dtype})
     if (start is None) == (strategy is None):
         raise LayerPruneError("give exactly one of start (--start) or strategy (--strategy)")
     num_layers = check_architecture(model)
@@ -69,22 +111,19 @@ def prune(model: str, n: int, out: str, start: int | None = None, strategy: str 
     if doc is not None:
         info["block_distance"] = doc["distance"][n - 1][drop[0]]
         info["calibration_samples"] = doc["n_samples"]
-    loaded = load_model(model, dtype)
-    return prune_mod.save_pruned(loaded, drop, out, info)
+    return prune_mod.write_pruned(model, drop, out, info, dtype=dtype)
 
 
 def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = None,
-         batch_size: int = 8, text_field: str = "text", dtype: str = "float32",
-         device: str = "cpu") -> dict:
+         batch_size: int = 8, text_field: str = "text", **placement) -> dict:
     """Write `out/loss.json` = {"loss": mean next-token cross-entropy, "tokens": k}."""
-    _check_common(model, dtype, batch_size)
+    spec = _check_common(model, placement, batch_size)
     calibration.check_sizes(samples if samples is not None else 1, seq_len)
     check_source(data)
     from layerprune.data import read_records
 
     texts = read_records(data, limit=samples, text_field=text_field)
-    check_architecture(model)
-    loaded = load_model(model, dtype, device)
+    loaded = _load(spec)
     ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
     result = loss_mod.next_token_loss(loaded.model, loaded.tokenizer, ids, batch_size)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -94,15 +133,13 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
 
 def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
              seq_len: int = 256, limit: int | None = None, shots: int | None = None,
-             samples: int | None = None, batch_size: int = 8, dtype: str = "float32",
-             device: str = "cpu") -> dict:
+             samples: int | None = None, batch_size: int = 8, **placement) -> dict:
     """Write `out/metrics.json` = {task: {"value", "stderr", "n", "metric", "baseline", ...}}."""
     from layerprune import benchmarks
 
-    _check_common(model, dtype, batch_size)
+    spec = _check_common(model, placement, batch_size)
     tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
-    check_architecture(model)
-    loaded = load_model(model, dtype, device)
+    loaded = _load(spec)
     metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
                                   batch_size=batch_size, loss_data=data, loss_seq_len=seq_len,
                                   loss_samples=samples)

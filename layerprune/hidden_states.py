@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from layerprune.batching import batches, pad_token_id
-from layerprune.models import base_model, decoder_layers
+from layerprune.errors import LayerPruneError
+from layerprune.models import base_model, decoder_layers, input_device
 
 STATES_FILE = "states.safetensors"
 Progress = Callable[[int, int], None]  # (samples done, samples total)
@@ -28,8 +29,22 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _output(out) -> torch.Tensor:
+def output_tensor(out) -> torch.Tensor:
+    """A decoder layer's hidden-state output (some families return a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def check_finite(states: torch.Tensor, index: int, n_layers: int) -> None:
+    """Stop on x^(index) that is inf or NaN (float16 overflows at 65504): the distances would be
+    NaN and the block choice arbitrary."""
+    bad = int((~torch.isfinite(states)).any(-1).sum())
+    if bad:
+        where = ("the embeddings (input of layer 0)" if index == 0 else
+                 f"the output of layer {index - 1}" + (f" (input of layer {index})"
+                                                       if index < n_layers else ""))
+        raise LayerPruneError(
+            f"hidden states are not finite (inf/NaN) at {where} for {bad} sample(s), most "
+            "likely a float16 overflow; use dtype float32 or bfloat16")
 
 
 @torch.inference_mode()
@@ -39,7 +54,7 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
     """(L+1, N, d) fp32 tensor: x^(l) at the last real token of each of the N samples."""
     layers = decoder_layers(model)
     n_layers, n = len(layers), len(ids)
-    device = next(model.parameters()).device
+    device = input_device(model)
     states: torch.Tensor | None = None
     current: dict = {}
 
@@ -48,8 +63,9 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
         if states is None:
             states = torch.empty(n_layers + 1, n, hidden.shape[-1], dtype=torch.float32)
         b = current["batch"]
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), b.last]
-        states[index, b.rows] = picked.float().cpu()
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), b.last].float().cpu()
+        check_finite(picked, index, n_layers)  # stop at the first layer that overflows
+        states[index, b.rows] = picked
 
     handles = [
         layer.register_forward_pre_hook(
@@ -57,7 +73,7 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
         for i, layer in enumerate(layers)
     ]
     handles.append(layers[-1].register_forward_hook(
-        lambda mod, args, out: store(n_layers, _output(out))))
+        lambda mod, args, out: store(n_layers, output_tensor(out))))
     body = base_model(model)
     done = 0
     bar = tqdm(total=n, desc="hidden states", unit="sample", disable=not show_bar)
@@ -81,8 +97,12 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
 def extract(loaded, ids: list[list[int]], out_dir: str | Path, batch_size: int = 8,
             padding_side: str = "right", progress: Progress | None = None) -> dict:
     """Capture states for the calibration ids and save them as `states.safetensors`."""
-    states = last_token_states(loaded.model, ids, batch_size, padding_side,
-                               pad_token_id(loaded.tokenizer), progress)
+    return save_states(last_token_states(loaded.model, ids, batch_size, padding_side,
+                                         pad_token_id(loaded.tokenizer), progress), out_dir)
+
+
+def save_states(states: torch.Tensor, out_dir: str | Path) -> dict:
+    """Write `states.safetensors` in `out_dir`; return its shape as metadata."""
     save_file({"states": states.contiguous()}, str(Path(out_dir) / STATES_FILE))
     return {"num_layers": states.shape[0] - 1, "n_samples": states.shape[1],
             "hidden_size": states.shape[2]}

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerprune.batching import batches, pad_token_id
+from layerprune.models import input_device
 
 
 @torch.inference_mode()
 def next_token_loss(model, tokenizer, ids: list[list[int]], batch_size: int = 8,
                     progress=None, show_bar: bool = True) -> dict:
     """{"loss": mean nats per predicted token, "tokens": predicted tokens, "bytes": None}."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count, done = 0.0, 0, 0
     bar = tqdm(total=len(ids), desc="loss", unit="sample", disable=not show_bar)
     for batch in batches(ids, batch_size, pad_token_id(tokenizer), "right", device):

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layerprune.config import ModelSpec
-from layerprune.models import LoadedModel, load_model
+from layerprune.models import LoadedModel, dtype_name, load_model
 from layerprune.store import ArtifactStore, stage_key
 
 
@@ -106,11 +106,34 @@ _model_cache: dict[tuple, LoadedModel] = {}
 
 
 def model_in_memory(spec: ModelSpec) -> LoadedModel:
-    key = (spec.ref, spec.dtype, spec.device, spec.trust_remote_code)
+    key = spec.model_dump_json()
     if key not in _model_cache:
-        _model_cache.clear()
-        _model_cache[key] = load_model(spec.ref, spec.dtype, spec.device, spec.trust_remote_code)
+        release_model()
+        _model_cache[key] = load_model(spec.ref, **spec.load_options())
     return _model_cache[key]
+
+
+def release_model() -> None:
+    """Drop the model held in memory (and its GPU memory), e.g. before healing trains another."""
+    import gc
+
+    import torch
+
+    with _model_lock:
+        _model_cache.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def numerics_key(model: ModelSpec) -> dict:
+    """What of a model's placement changes its results, for cache keys: the concrete dtype
+    (`auto` resolved on this machine) and the quantization when there is one. The device,
+    device_map and offloading only move the same computation, so they are not keyed."""
+    key = {"dtype": dtype_name(model.dtype, model.device)}
+    if model.quantization != "none":
+        key["quantization"] = model.quantization
+    return key
 
 
 def model_lock() -> threading.RLock:

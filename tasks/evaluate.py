@@ -14,7 +14,7 @@ from layerprune import benchmarks
 from layerprune.config import LossSpec, ModelSpec
 from layerprune.data import fingerprint as data_fingerprint
 from layerprune.prune import removed_layers
-from tasks.common import model_in_memory, model_lock, run_stage, stage_task
+from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task
 
 STAGE, VERSION = "eval", 1
 
@@ -23,7 +23,7 @@ def key_params(model_info: dict, model: ModelSpec, drop: list[int], task: str,
                limit: int | None, shots: int | None, loss: LossSpec) -> dict:
     # Keyed by the removed layers, not the recipe: when both strategies pick the same block,
     # the variant is evaluated once.
-    params = {"model": model_info["fingerprint"], "dtype": model.dtype, "removed_layers": drop,
+    params = {"model": model_info["fingerprint"], **numerics_key(model), "removed_layers": drop,
               "task": task}
     if task == "loss":
         params.update(data=data_fingerprint(loss.data), samples=loss.samples,

@@ -1,9 +1,10 @@
 """Prefect task: heal a pruned variant with QLoRA (layerprune.heal).
 
-The pruned checkpoint is written from the model in memory (or taken from the prune stage when it
-was exported), healed, and published: `adapter/`, `merged/` (a full checkpoint), `heal.json`,
-the loss curve. The working directory is stable per key, so a retried or rerun task resumes
-from the Trainer's last checkpoint instead of starting over.
+The pruned checkpoint is cut from the source's safetensors files on disk, or written from the
+model in memory when the source has none (`prune.write_pruned`), or taken from the prune stage
+when it was exported; then it is healed and published: `adapter/`, `merged/` (a full
+checkpoint), `heal.json`, the loss curve. The working directory is stable per key, so a retried
+or rerun task resumes from the Trainer's last checkpoint instead of starting over.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from pathlib import Path
 from layerprune import heal
 from layerprune.config import HealSpec, ModelSpec
 from layerprune.data import fingerprint as data_fingerprint
-from layerprune.prune import save_pruned
-from tasks.common import (model_in_memory, model_lock, progress_reporter, run_stage,
-                          stage_files, stage_task)
+from layerprune.prune import write_pruned
+from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter,
+                          release_model, run_stage, stage_files, stage_task)
 
 STAGE, VERSION = "heal", 1
 
 
 def key_params(model_info: dict, model: ModelSpec, recipe: dict, spec: HealSpec) -> dict:
-    return {"model": model_info["fingerprint"], "dtype": model.dtype,
+    return {"model": model_info["fingerprint"], **numerics_key(model),
             "removed_layers": recipe["meta"]["removed_layers"],
-            "data": data_fingerprint(spec.data), "config": spec.config.model_dump()}
+            "data": data_fingerprint(spec.data),
+            # Where the model sits (device_map) does not change what it learns.
+            "config": spec.config.model_dump(exclude={"device_map"})}
 
 
 @stage_task(STAGE, VERSION, key_params, task_run_name="heal-{recipe[meta][strategy]}-n{recipe[meta][n]}",
@@ -39,9 +42,9 @@ def heal_variant(store_root: str, model: ModelSpec, model_info: dict, recipe: di
         if exported.exists():
             pruned = exported
         elif not (pruned / "config.json").exists():
-            with model_lock():
-                save_pruned(model_in_memory(model), drop, pruned, {"strategy":
-                                                                   recipe["meta"]["strategy"]})
+            write_pruned(model.ref, drop, pruned, {"strategy": recipe["meta"]["strategy"]},
+                         dtype=model.dtype, load=lambda: model_in_memory(model), lock=model_lock())
+        release_model()  # the source model would sit beside the one being trained
         record = heal.heal(str(pruned), spec.data, str(out), spec.config, resume=True,
                            progress=progress_reporter("healing"))
         if pruned != exported:

@@ -1,19 +1,32 @@
 """Describe the source model: its fingerprint (the key every later stage builds on) and depth.
 
-Not cached: hashing the weights is what tells whether anything else can be.
+Not cached: hashing the weights is what tells whether anything else can be. A hub model is pinned
+here: the commit its revision resolves to now goes into the fingerprint and into `revision`, and
+the flow loads that commit in every later stage, so an upstream push mid-run changes nothing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
+from layerprune.assets import resolve_ref
 from layerprune.config import ModelSpec
-from layerprune.models import check_architecture, fingerprint, read_config
+from layerprune.models import check_architecture, fingerprint, hub_commit, read_config
 
 
 @task(name="describe-model", retries=1)
 def describe_model(model: ModelSpec) -> dict:
-    num_layers = check_architecture(model.ref, model.trust_remote_code)
-    config = read_config(model.ref, model.trust_remote_code)
-    return {"ref": model.ref, "fingerprint": fingerprint(model.ref), "num_layers": num_layers,
+    is_hub = not Path(resolve_ref(model.ref)).exists()
+    revision = hub_commit(model.ref, model.revision) if is_hub else None
+    num_layers = check_architecture(model.ref, model.trust_remote_code, revision)
+    config = read_config(model.ref, model.trust_remote_code, revision)
+    return {"ref": model.ref, "revision": revision,
+            "fingerprint": fingerprint(model.ref, revision), "num_layers": num_layers,
             "architecture": (config.architectures or [config.model_type])[0]}
+
+
+def pinned(model: ModelSpec, model_info: dict) -> ModelSpec:
+    """`model` at the commit `describe_model` resolved (unchanged for local models)."""
+    return model.model_copy(update={"revision": model_info["revision"]})

@@ -2,7 +2,8 @@
 
 The artifact is a recipe (source fingerprint + removed layers, a few hundred bytes); a full
 checkpoint is written only when asked (`export=True`), since evaluation applies the recipe to the
-source model already in memory.
+source model already in memory. The checkpoint is cut from the source's safetensors files on disk
+when it has them (`prune.write_pruned`), from the model in memory otherwise.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def prune_model(store_root: str, model: ModelSpec, model_info: dict, distances: 
                   "fraction": n / model_info["num_layers"],
                   "block_distance": doc["distance"][n - 1][drop[0]]}
         write_json_atomic(out / RECIPE_FILE, recipe)
-        if export:
-            with model_lock():
-                prune.save_pruned(model_in_memory(model), drop, out / "checkpoint",
-                                  {"strategy": strategy, "block_size": n,
-                                   "block_distance": recipe["block_distance"],
-                                   "calibration_samples": doc["n_samples"]})
+        if export:  # by surgery on disk when the source is a safetensors checkpoint
+            prune.write_pruned(model.ref, drop, out / "checkpoint",
+                               {"strategy": strategy, "block_size": n,
+                                "block_distance": recipe["block_distance"],
+                                "calibration_samples": doc["n_samples"]},
+                               dtype=model.dtype, load=lambda: model_in_memory(model),
+                               lock=model_lock())
         return recipe
 
     return run_stage(store_root, STAGE, VERSION,

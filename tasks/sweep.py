@@ -2,8 +2,9 @@
 
 The per-model work runs as separate flow runs of the `prune-and-heal` deployment on the `gpu`
 work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them.
-Each wait holds one slot of the global concurrency limit `gpu`, so at most that many models
-run at once across every sweep, however many GPU workers are polling.
+Each child run holds `gpu_count` slots of the global concurrency limit `gpu` itself
+(tasks/gpus.py), so at most that many GPUs are in use across every sweep and every other run;
+the waiting parent holds none, so it can never take a slot its child needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 
@@ -25,8 +25,8 @@ from layerprune.figures import metric_curves
 from layerprune.models import check_architecture
 from layerprune.remote import storage_options_from_env
 from tasks.common import run_stage, stage_files, stage_task
+from tasks.gpus import gpu_job
 
-GPU_LIMIT = "gpu"  # global concurrency limit: `prefect gcl create gpu --limit N` (make deploy)
 STAGE, VERSION = "sweep", 1
 
 
@@ -37,18 +37,20 @@ def model_depth(ref: str) -> int:
 
 
 @task(name="run-model", task_run_name="run-{label}", cache_policy=NO_CACHE)
-def run_model(deployment: str, params: dict, timeout_s: int, label: str) -> dict:
-    """Run one model through `deployment` and return its summary (the child flow's result)."""
+def run_model(deployment: str, params: dict, timeout_s: int, label: str,
+              gpu_count: int = 1) -> dict:
+    """Run one model through `deployment` on `gpu_count` GPUs; its summary (the child's result).
+
+    `timeout_s` includes the child's wait for its `gpu` slots."""
     logger = get_run_logger()
-    with concurrency(GPU_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        run = run_deployment(deployment, parameters={"params": params}, timeout=timeout_s,
-                             poll_interval=2)
-        state = run.state
-        if state is None or not state.is_final():  # cancel before giving the slot back
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(run.id, Cancelling(), force=True)
-            raise TimeoutError(f"{label}: flow run {run.name} ({run.id}) did not finish "
-                               f"within child_timeout_s={timeout_s}; cancelled")
+    run = run_deployment(deployment, parameters={"params": params}, timeout=timeout_s,
+                         poll_interval=2, **gpu_job(gpu_count))
+    state = run.state
+    if state is None or not state.is_final():  # a hung child must not keep its slots
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+        raise TimeoutError(f"{label}: flow run {run.name} ({run.id}) did not finish "
+                           f"within child_timeout_s={timeout_s}; cancelled")
     if not state.is_completed():
         raise RuntimeError(f"{label}: flow run {run.name} ({run.id}) ended {state.name}: "
                            f"{state.message}")

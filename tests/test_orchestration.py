@@ -3,8 +3,10 @@ server, process workers on the `gpu` and `cpu` pools, the deployments of
 deployments/prefect.yaml registered by deployments/deploy.sh (what `make deploy` runs).
 
 Covers: a deployment run writing every artifact and Prefect's JSON results to S3, a second run
-that is all cache hits, a two-model sweep fanned out through run_deployment, an unreachable S3
-endpoint failing fast with one clear error, and bad parameters refused at submission.
+that is all cache hits, a CLI run holding the `gpu` limit and healing its variants as
+`heal-variant` runs, a two-model sweep fanned out through run_deployment (one child on 2 GPUs),
+an unreachable S3 endpoint failing fast with one clear error, and bad parameters refused at
+submission.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import s3fs
@@ -20,7 +23,8 @@ from e2e_services import (REPO, free_port, run_cli, run_deploy_script, start_mot
                           start_prefect_server, start_worker)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
-                                            FlowRunFilterId, FlowRunFilterParentFlowRunId)
+                                            FlowRunFilterId, FlowRunFilterParentFlowRunId,
+                                            LogFilter, LogFilterFlowRunId)
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -147,10 +151,59 @@ def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data)
     assert again.state.result()["report_uri"] == summary["report_uri"]
 
 
+def _children(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+
+
+def _gpu_slots_in_use() -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name("gpu").active_slots
+
+
+def test_cli_run_holds_the_gpu_limit_and_heals_in_heal_variant_runs(stack, tiny_models, data):
+    """With the `gpu` limit at 1, a run started by `prefect deployment run` that dispatches its
+    healing finishes only if it holds its slot outside the healing and gives it back while its
+    children, which take slots of their own, heal."""
+    params = {**_model_params(tiny_models["llama"], data), "heal": {
+        "block_sizes": [1], "data": data, "dispatch": "deployment",
+        "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": None}}}
+    assert run_cli(["gcl", "update", "gpu", "--limit", "1"], stack["env"]).returncode == 0
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            cli = pool.submit(_cli_run, stack, "prune-and-heal/default", params)
+            in_use = set()
+            while not cli.done():
+                in_use.add(_gpu_slots_in_use())
+                time.sleep(0.5)
+            flow_run_id = cli.result()
+    finally:
+        assert run_cli(["gcl", "update", "gpu", "--limit", "2"], stack["env"]).returncode == 0
+    assert in_use <= {0, 1} and 1 in in_use, in_use
+    assert _gpu_slots_in_use() == 0  # every slot given back
+    with get_client(sync_client=True) as client:
+        logs = [log.message for log in client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+    assert sum("slot(s) of the `gpu` concurrency limit" in m for m in logs) == 2, logs  # 2 takes
+    children = _children(flow_run_id)
+    with get_client(sync_client=True) as client:
+        flows = {client.read_flow(c.flow_id).name for c in children}
+    assert len(children) == 2 and flows == {"heal-variant"}
+    assert {c.work_pool_name for c in children} == {"gpu"}
+    assert all(c.state.is_completed() and c.job_variables == {"gpu_count": 1}
+               for c in children)
+    summary = _flow_run(flow_run_id).state.result()
+    healed = sorted(r["variant"] for r in summary["rows"] if "healed" in r["variant"])
+    assert healed == ["heuristic, healed", "similarity, healed"]
+    assert {r["strategy"] for r in [c.parameters["recipe"]["meta"] for c in children]} == \
+        {"similarity", "heuristic"}
+
+
 def test_sweep_fans_out_and_compares_models(stack, tiny_models, data):
     models = [tiny_models["llama"], tiny_models["gpt2"]]
     params = {"models": models, "block_sizes": [1], "artifacts": ROOT,
-              "child_timeout_s": 480, **_text_specs(data)}
+              "child_timeout_s": 480, "gpu_counts": {models[0]: 2}, **_text_specs(data)}
     flow_run_id = _cli_run(stack, "sweep/nightly", params)
     summary = _flow_run(flow_run_id).state.result()
     labels = [os.path.basename(m) for m in models]
@@ -172,6 +225,10 @@ def test_sweep_fans_out_and_compares_models(stack, tiny_models, data):
     assert gpu_limit.limit == 2 and gpu_limit.active_slots == 0  # every slot given back
     assert parent.work_pool_name == "cpu"
     assert len(children) == 2 and {c.work_pool_name for c in children} == {"gpu"}
+    # gpu_counts: the llama child asked for 2 GPUs (2 slots, queue of 2-GPU workers)
+    asked = {c.parameters["params"]["model"]["ref"]: (c.job_variables["gpu_count"],
+                                                      c.work_queue_name) for c in children}
+    assert asked == {models[0]: (2, "gpus-2"), models[1]: (1, "default")}
     assert all(c.state.is_completed() for c in children)
     assert len(artifacts) == 1
     assert len(json.loads(artifacts[0].data)) == 4  # 2 models x 2 strategies

@@ -4,15 +4,23 @@ result storage location, deployment files."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+from prefect.utilities.templating import apply_values
 
-from layerprune.config import PruneAndHealParams, SweepParams
+from flows.heal import HEAL_DEPLOYMENT, heal_one
+from layerprune.config import HealSpec, PruneAndHealParams, SweepParams
 from layerprune.remote import (S3_CLIENT_CONFIG, StoreUnavailable, check_reachable,
                                storage_options_from_env)
 from tasks.results import block_name, result_storage_for
+from tasks.gpus import gpu_job
 from tasks.sweep import model_label
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +46,9 @@ def test_sweep_params_validate_and_fan_out():
     ({"deployment": "no-slash"}, "deployment"),
     ({"batch_size": 0}, "batch_size"),
     ({"child_timeout_s": 5}, "child_timeout_s"),
+    ({"gpu_count": 0}, "gpu_count"),
+    ({"gpu_counts": {"not/in-models": 2}}, "gpu_counts names"),
+    ({"gpu_counts": {"bundled:SmolLM2-135M-Instruct": 0}}, "gpu_counts values"),
 ])
 def test_bad_sweep_params_name_the_parameter(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -76,10 +87,14 @@ def test_local_results_live_next_to_the_artifacts(tmp_path):
 
 def test_deployments_file_matches_the_flows():
     doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    deps = {d["name"]: d for d in doc["deployments"]}
-    assert deps["default"]["entrypoint"] == "flows/prune_and_heal.py:prune_and_heal"
-    assert deps["default"]["work_pool"]["name"] == "gpu"
-    assert deps["nightly"]["entrypoint"] == "flows/sweep.py:sweep"
+    deps = {d["entrypoint"]: d for d in doc["deployments"]}  # FLOW/NAME: names may repeat
+    assert len(deps) == len(doc["deployments"]) == 3
+    deps["default"] = deps.pop("flows/prune_and_heal.py:prune_and_heal")
+    deps["nightly"] = deps.pop("flows/sweep.py:sweep")
+    heal = deps.pop("flows/heal.py:heal_one")
+    assert HEAL_DEPLOYMENT == f"{heal_one.name}/{heal['name']}"  # what prune-and-heal starts
+    assert deps["default"]["work_pool"]["name"] == heal["work_pool"]["name"] == "gpu"
+    assert deps["nightly"]["name"] == "nightly"
     assert deps["nightly"]["work_pool"]["name"] == "cpu"
     assert all(d["enforce_parameter_schema"] for d in deps.values())
     assert deps["nightly"]["schedules"][0]["timezone"]
@@ -116,3 +131,123 @@ def test_a_store_that_stops_answering_mid_stage_fails_with_one_clear_error(monke
     with pytest.raises(StoreUnavailable, match="publishing eval/abc in 's3://bucket/prefix'"):
         store.publish("eval", "abc", out, {})
     assert (out / "metrics.json").exists()  # the stage's output is kept for a retry
+
+
+def test_k_gpu_runs_ask_for_k_gpus_and_their_own_queue():
+    p = SweepParams(models=["a/b", "c/d"], gpu_count=2, gpu_counts={"c/d": 4})
+    assert [p.gpus_for(m) for m in p.models] == [2, 4]
+    assert SweepParams().gpus_for("bundled:SmolLM2-135M-Instruct") == 1
+    # The job variable sizes the container request and the run's `gpu` slots; the queue routes
+    # a k-GPU run to workers owning k GPUs (workers.sh).
+    assert gpu_job(1) == {"job_variables": {"gpu_count": 1}, "work_queue_name": None}
+    assert gpu_job(4) == {"job_variables": {"gpu_count": 4}, "work_queue_name": "gpus-4"}
+    with pytest.raises(ValueError, match="gpu_count"):
+        gpu_job(0)
+
+
+def test_heal_dispatch_is_inline_unless_asked():
+    assert HealSpec().dispatch == "inline"  # the demo and tests run without a deployment
+    assert PruneAndHealParams.model_validate(
+        {"heal": {"dispatch": "deployment"}}).heal.dispatch == "deployment"
+    with pytest.raises(ValueError, match="dispatch"):
+        HealSpec.model_validate({"dispatch": "threads"})
+
+
+def _render(template: dict, **job_variables) -> dict:
+    """The pool's job configuration for a run, as a worker fills it (defaults + variables)."""
+    schema = template["variables"]
+    values = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    values.update(job_variables)
+    jsonschema.validate(values, schema)  # what the server checks when the run is created
+    return apply_values(template["job_configuration"], values)
+
+
+def test_docker_template_requests_the_devices_a_run_names():
+    template = json.loads((REPO / "deployments" / "docker-gpu-pool.json").read_text())
+    request, = _render(template, gpu_ids=["2", "3"])["container_create_kwargs"][
+        "device_requests"]
+    assert request["device_ids"] == ["2", "3"] and "count" not in request
+    request, = _render(template)["container_create_kwargs"]["device_requests"]
+    assert request["device_ids"] == ["0"]  # one device by default, never all of them
+    with pytest.raises(jsonschema.ValidationError):
+        _render(template, gpu_ids=[])
+
+
+def test_kubernetes_template_limits_gpus_to_gpu_count():
+    template = json.loads((REPO / "deployments" / "kubernetes-gpu-pool.json").read_text())
+    pod = _render(template, gpu_count=3)["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 3
+    with pytest.raises(jsonschema.ValidationError):
+        _render(template, gpu_count=0)
+
+
+def _env_keys(dockerfile: Path) -> set[str]:
+    """Names set by the ENV instructions of a Dockerfile (continuations joined, comments out)."""
+    lines = [ln for ln in dockerfile.read_text().splitlines() if not ln.strip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return {key for ln in text.splitlines() if ln.startswith("ENV ")
+            for key in re.findall(r"([A-Z_][A-Z0-9_]*)=", ln)}
+
+
+def test_images_do_not_give_every_container_every_gpu():
+    cuda = REPO / "docker" / "Dockerfile.cuda"
+    keys = _env_keys(cuda)
+    assert "LAYERPRUNE_REPO" in keys  # the parser does see the image's ENV
+    assert "NVIDIA_VISIBLE_DEVICES" not in keys | _env_keys(REPO / "docker" / "Dockerfile.cpu")
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", cuda.read_text(), re.M).group(1))
+    assert cmd[cmd.index("--limit") + 1] == "1"  # alone, a worker owning its GPUs
+
+
+def _workers(tmp_path: Path, env: dict, nvidia_smi: str | None = None) -> list[dict]:
+    """Run deployments/workers.sh with a `prefect` on PATH that records its argv and GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    record = tmp_path / "calls.jsonl"
+    fake = bin_dir / "prefect"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"with open({str(record)!r}, 'a') as f:\n"
+                    "    f.write(json.dumps({'argv': sys.argv[1:], "
+                    "'gpus': os.environ.get('CUDA_VISIBLE_DEVICES')}) + '\\n')\n")
+    fake.chmod(0o755)
+    if nvidia_smi is not None:  # stands in for the driver's tool, whatever this machine has
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\n{nvidia_smi}\n")
+        smi.chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("PREFECT", "GPU_IDS", "GPU_GROUPS", "CUDA_VISIBLE_DEVICES", "POOLS")}
+    run = subprocess.run([str(REPO / "deployments" / "workers.sh")], text=True, timeout=60,
+                         capture_output=True,
+                         env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env})
+    assert run.returncode == 0, run.stderr
+    return [json.loads(ln) for ln in record.read_text().splitlines()]
+
+
+def _option(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def test_one_gpu_worker_per_gpu_id(tmp_path):
+    calls = _workers(tmp_path, {"GPU_IDS": "0,1,2,3"}, nvidia_smi="exit 1")
+    gpu = [c for c in calls if _option(c["argv"], "--pool") == ["gpu"]]
+    cpu = [c for c in calls if _option(c["argv"], "--pool") == ["cpu"]]
+    assert sorted(c["gpus"] for c in gpu) == ["0", "1", "2", "3"]
+    assert all(_option(c["argv"], "--limit") == ["1"] for c in gpu)
+    assert all(_option(c["argv"], "--work-queue") == [] for c in gpu)  # every queue
+    assert len({_option(c["argv"], "--name")[0] for c in gpu}) == 4
+    assert len(cpu) == 1 and cpu[0]["gpus"] is None and "--limit" not in cpu[0]["argv"]
+
+
+def test_gpu_groups_make_k_gpu_workers_on_their_queue(tmp_path):
+    calls = _workers(tmp_path, {"GPU_GROUPS": "0,1 2,3", "POOLS": "gpu"})
+    assert sorted(c["gpus"] for c in calls) == ["0,1", "2,3"]
+    for c in calls:
+        assert _option(c["argv"], "--limit") == ["1"]
+        assert _option(c["argv"], "--work-queue") == ["default", "gpus-2"]
+
+
+def test_gpus_come_from_nvidia_smi_and_none_means_one_worker(tmp_path):
+    listing = "\\n".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}abc)" for i in range(2))
+    calls = _workers(tmp_path / "two", {"POOLS": "gpu"}, nvidia_smi=f"printf '{listing}\\n'")
+    assert sorted(c["gpus"] for c in calls) == ["0", "1"]
+    calls = _workers(tmp_path / "none", {"POOLS": "gpu"}, nvidia_smi="exit 9")
+    assert len(calls) == 1 and calls[0]["gpus"] is None and "--limit" not in calls[0]["argv"]

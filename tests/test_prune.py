@@ -68,3 +68,74 @@ def test_checkpoint_reloads_with_equal_logits_and_generates(tiny_model, tmp_path
     assert json.loads((tmp_path / "pruned" / "prune.json").read_text())["source"] == tiny_model
     assert (tmp_path / "pruned" / "model.safetensors").exists()
     assert not list(tmp_path.glob(".pruned.*")), "temporary directory left behind"
+
+
+def test_config_updates_remaps_every_kind_of_layer_field():
+    # 5 layers, drop 1 and 2: kept old layers 0, 3, 4 become 0, 1, 2
+    values = {"num_hidden_layers": 5, "layer_types": ["a", "b", "c", "d", "e"],
+              "no_rope_layers": (1, 0, 1, 0, 1),  # a tuple stays a tuple
+              "max_window_layers": 3, "first_k_dense_replace": 1,  # thresholds from the bottom
+              "moe_layers": [1, 3, 4], "cross_attention_layers": [2],  # index lists
+              "sliding_window_pattern": 2, "num_nextn_predict_layers": 1, "hidden_size": 32,
+              "eos_token_id": [1, 2, 3, 4, 5]}  # as long as the stack, but no layer field
+    assert prune.config_updates(values, [1, 2], 5) == {
+        "layer_types": ["a", "d", "e"], "no_rope_layers": (1, 0, 1), "max_window_layers": 1,
+        "first_k_dense_replace": 1, "moe_layers": [1, 2], "cross_attention_layers": [],
+        "num_hidden_layers": 3}
+
+
+def test_config_updates_makes_a_sparse_step_explicit():
+    # step 3: layers 2 and 5 are MoE, but 5 is listed dense; drop 0 -> old 2 is the only MoE one
+    values = {"num_hidden_layers": 6, "num_experts": 4, "decoder_sparse_step": 3,
+              "mlp_only_layers": [5]}
+    assert prune.config_updates(values, [0], 6) == {
+        "decoder_sparse_step": 1, "mlp_only_layers": [0, 2, 3, 4], "num_hidden_layers": 5}
+    values["num_experts"] = 0  # no experts: every layer is dense whatever the step says
+    assert prune.config_updates(values, [0], 6) == {"mlp_only_layers": [4],
+                                                    "num_hidden_layers": 5}
+
+
+def test_config_updates_refuses_fields_it_cannot_remap():
+    from transformers import Gemma3nTextConfig, JambaConfig
+
+    with pytest.raises(LayerPruneError, match="hidden_size_per_layer_input"):
+        prune.config_updates(prune.config_values(Gemma3nTextConfig()), [1], 35)
+    with pytest.raises(LayerPruneError, match="expert_layer_period"):
+        prune.config_updates(prune.config_values(JambaConfig()), [1], 32)
+    with pytest.raises(LayerPruneError, match="num_kv_shared_layers"):
+        prune.config_updates({"num_kv_shared_layers": 2, "num_hidden_layers": 4}, [1], 4)
+    with pytest.raises(LayerPruneError, match="layer_types has 3 entries"):
+        prune.config_updates({"layer_types": ["a", "b", "c"]}, [1], 4)
+    with pytest.raises(LayerPruneError, match="distinct indices in 0..3"):
+        prune.config_updates({}, [1, 1], 4)
+
+
+def test_config_values_reads_standard_names_through_aliases(tiny_models):
+    from transformers import AutoConfig
+
+    values = prune.config_values(AutoConfig.from_pretrained(tiny_models["gpt2"]))
+    assert values["num_hidden_layers"] == 4 and "n_layer" not in values
+
+
+def test_removed_layers_on_a_multimodal_wrapper_updates_the_text_config(tokenizer):
+    from transformers import Gemma3Config
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                     image_token_index=len(tokenizer) - 1)).eval()
+    original = _logits(model, [1, 2, 3, 4, 5])
+    with prune.removed_layers(model, [0, 1]):
+        assert model.config.text_config.num_hidden_layers == 2
+        assert model.config.text_config.layer_types == ["sliding_attention", "full_attention"]
+        assert model.config.vision_config.num_hidden_layers == 4
+        assert len(decoder_layers(model)) == 2
+        pruned = _logits(model, [1, 2, 3, 4, 5])
+    assert model.config.text_config.num_hidden_layers == 4 and len(decoder_layers(model)) == 4
+    torch.testing.assert_close(_logits(model, [1, 2, 3, 4, 5]), original)
+    assert not torch.allclose(pruned, original)

@@ -1,0 +1,90 @@
+"""The GPUs a run owns: slots of the `gpu` concurrency limit, and how a k-GPU run is requested.
+
+Design (docs/operations.md, "Pools, concurrency"): every GPU run takes its own slots, in its own
+process: `prune-and-heal` and `heal-variant` enter `gpu_slots()` first thing, holding k slots of
+the global concurrency limit `gpu` (k = the run's job variable `gpu_count`, default 1). So the
+limit covers every run however it was started (UI, CLI, schedule, sweep, a heal dispatched by a
+parent), and a k-GPU run counts k. A deployment's or a work pool's concurrency limit would
+cover them too, but counts one per run and cannot be let go by a run that is waiting on its
+children; `GpuSlots.released()` can: a `prune-and-heal` run releases its slots while its
+`heal-variant` children heal, and takes them again to evaluate what they produced.
+
+A run outside a deployment (the demo, the tests, `python -m flows.prune_and_heal`) takes no slot:
+it was not dispatched to the `gpu` pool, and Prefect's temporary local server has no limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import deployment, flow_run
+
+GPU_LIMIT = "gpu"  # global concurrency limit: `prefect gcl create gpu --limit N` (make deploy)
+
+
+def gpu_job(gpu_count: int) -> dict:
+    """`run_deployment` keywords for a run of `gpu_count` GPUs.
+
+    The job variable sizes the container's request (Docker, Kubernetes templates) and the run's
+    slots; runs of more than one GPU go to the work queue `gpus-<k>`, which only workers owning k
+    GPUs poll (deployments/workers.sh), since a process worker cannot read the job variable.
+    """
+    if gpu_count < 1:
+        raise ValueError(f"gpu_count must be >= 1, got {gpu_count}")
+    return {"job_variables": {"gpu_count": gpu_count},
+            "work_queue_name": f"gpus-{gpu_count}" if gpu_count > 1 else None}
+
+
+def run_gpu_count() -> int:
+    """GPUs of the running flow run: job variable `gpu_count` of the run, else of its deployment,
+    else the number of `gpu_ids` (Docker template), else 1."""
+    variables = dict(flow_run.job_variables or {})
+    if "gpu_count" not in variables and deployment.id is not None:
+        with get_client(sync_client=True) as client:
+            variables = {**(client.read_deployment(deployment.id).job_variables or {}),
+                         **variables}
+    count = variables.get("gpu_count", len(variables.get("gpu_ids") or [None]))
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"job variable gpu_count must be an integer >= 1, got {count!r}")
+    return count
+
+
+class GpuSlots:
+    """`with GpuSlots(k):` holds k slots of `gpu` (strict: a missing limit is an error, never an
+    unbounded run); `count=0` holds nothing."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._held = None
+
+    def __enter__(self) -> GpuSlots:
+        if self.count:
+            get_run_logger().info("waiting for %d slot(s) of the `%s` concurrency limit",
+                                  self.count, GPU_LIMIT)
+            # A context manager object is single-use: a fresh one per acquisition.
+            held = concurrency(GPU_LIMIT, occupy=self.count, strict=True,
+                               raise_on_lease_renewal_failure=False)
+            held.__enter__()
+            self._held = held
+        return self
+
+    def __exit__(self, *exc) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(*exc)
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Give the slots back for the body (waiting on children that need them), then retake."""
+        self.__exit__(None, None, None)
+        yield  # on an error in the body, nothing is retaken
+        self.__enter__()
+
+
+def gpu_slots() -> GpuSlots:
+    """The slots of the running flow run: its GPU count inside a deployment, none outside."""
+    return GpuSlots(run_gpu_count() if deployment.id is not None else 0)
