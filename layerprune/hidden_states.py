@@ -63,9 +63,8 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
         if states is None:
             states = torch.empty(n_layers + 1, n, hidden.shape[-1], dtype=torch.float32)
         b = current["batch"]
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), b.last].float().cpu()
-        check_finite(picked, index, n_layers)  # stop at the first layer that overflows
-        states[index, b.rows] = picked
+        states[index, b.rows] = hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                       b.last].float().cpu()
 
     handles = [
         layer.register_forward_pre_hook(
@@ -82,6 +81,11 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
             current["batch"] = batch
             body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                  position_ids=batch.position_ids, use_cache=False)
+            # Checked once a batch, not in every hook (6,000 hook calls cost 0.5 s of 60 here).
+            finite = torch.isfinite(states[:, batch.rows]).flatten(1).all(1)
+            if not finite.all():  # name the first layer that overflowed
+                index = int((~finite).nonzero()[0])
+                check_finite(states[index, batch.rows], index, n_layers)
             done += len(batch.rows)
             bar.update(len(batch.rows))
             if progress:
