@@ -34,7 +34,7 @@ class Batch:
 def resolve_batch_size(batch_size: int | str | None, device: str = "auto") -> int:
     """`batch_size` as a positive int; "auto" or None: the fastest one for `device`."""
     from layerprune.errors import LayerPruneError
-    from layerprune.models import resolve_device
+    from layerprune.placement import resolve_device
 
     if batch_size is None or batch_size == "auto":
         return AUTO_BATCH_SIZE.get(resolve_device(device).split(":")[0], 1)

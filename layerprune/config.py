@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from layerprune.errors import LayerPruneError
 from layerprune.heal import HealConfig
-from layerprune.models import DEVICE_PATTERN, check_placement
+from layerprune.placement import DEVICE_PATTERN, check_placement
 
 Strategy = Literal["similarity", "heuristic"]
 # The demo's healing on a 2-core CPU: 10 steps of 4 x 128 tokens at lr 2e-3 closed ~80% of the
@@ -176,7 +176,7 @@ class ExtractionSpec(_Spec):
     @field_validator("max_memory")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
-        from layerprune.models import parse_size
+        from layerprune.placement import parse_size
 
         if v is not None:
             try:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from layerprune.batching import batches, pad_token_id
 from layerprune.errors import LayerPruneError
-from layerprune.models import base_model, decoder_layers, input_device
+from layerprune.models import base_model, decoder_layers
+from layerprune.placement import input_device
 
 STATES_FILE = "states.safetensors"
 Progress = Callable[[int, int], None]  # (samples done, samples total)

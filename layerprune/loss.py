@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerprune.batching import batches, pad_token_id
-from layerprune.models import input_device
+from layerprune.placement import input_device
 
 
 @torch.inference_mode()

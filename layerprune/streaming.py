@@ -25,8 +25,8 @@ from layerprune.assets import resolve_ref
 from layerprune.batching import Batch, batches, length_buckets
 from layerprune.errors import LayerPruneError
 from layerprune.hidden_states import Progress, check_finite, output_tensor
-from layerprune.models import (base_model, decoder_layers, hub_commit, layer_list_owner, parse_size,
-                               resolve_device, resolve_dtype)
+from layerprune.models import base_model, decoder_layers, hub_commit, layer_list_owner
+from layerprune.placement import parse_size, resolve_device, resolve_dtype
 from layerprune.tensor_files import checkpoint_files, skeleton
 
 

@@ -21,7 +21,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layerprune.config import ModelSpec
-from layerprune.models import LoadedModel, dtype_name, load_model
+from layerprune.models import LoadedModel, load_model
+from layerprune.placement import dtype_name
 from layerprune.store import ArtifactStore, stage_key
 
 

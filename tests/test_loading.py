@@ -19,7 +19,8 @@ from layerprune.calibration import tokenize
 from layerprune.errors import LayerPruneError
 from layerprune.hidden_states import last_token_states
 from layerprune.loss import next_token_loss
-from layerprune.models import decoder_layers, dtype_name, load_model, parse_size
+from layerprune.models import decoder_layers, load_model
+from layerprune.placement import dtype_name, parse_size
 from layerprune.prune import removed_layers
 from tests.conftest import TEXTS
 
