@@ -13,7 +13,7 @@ from layerprune import prune as prune_mod, streaming
 from layerprune.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
 from layerprune.data import check_source
 from layerprune.errors import LayerPruneError
-from layerprune.io import atomic_output_dir, write_json_atomic
+from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
 from layerprune.models import (LoadedModel, check_architecture, check_model_ref, load_model,
                                load_tokenizer)
 
@@ -39,8 +39,9 @@ def _load(spec) -> LoadedModel:
     return load_model(spec.ref, **spec.load_options())
 
 
-def _check_common(model: str, placement: dict, batch_size: int):
+def _check_common(model: str, placement: dict, batch_size: int, out: str):
     spec = model_spec(model, placement)
+    check_output_dir(out)
     if batch_size <= 0:
         raise LayerPruneError(f"batch_size must be a positive integer, got {batch_size}")
     return spec
@@ -59,6 +60,7 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
     available), the most weights + activations held at once. `placement`: how the model is
     held (`model_spec`)."""
     spec = model_spec(model, placement)
+    check_output_dir(out)
     batch_size = resolve_batch_size(batch_size, spec.device)
     calibration.check_sizes(samples, seq_len)
     check_source(data)
@@ -93,6 +95,7 @@ def prune(model: str, n: int, out: str, start: int | None = None, strategy: str 
     has (`dtype` auto, or that dtype); another dtype, a GGUF file or a hub id loads and saves
     (`prune.write_pruned`)."""
     model_spec(model, {"dtype": dtype})
+    check_output_dir(out)
     if (start is None) == (strategy is None):
         raise LayerPruneError("give exactly one of start (--start) or strategy (--strategy)")
     num_layers = check_architecture(model)
@@ -117,7 +120,7 @@ def prune(model: str, n: int, out: str, start: int | None = None, strategy: str 
 def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = None,
          batch_size: int = 8, text_field: str = "text", **placement) -> dict:
     """Write `out/loss.json` = {"loss": mean next-token cross-entropy, "tokens": k}."""
-    spec = _check_common(model, placement, batch_size)
+    spec = _check_common(model, placement, batch_size, out)
     calibration.check_sizes(samples if samples is not None else 1, seq_len)
     check_source(data)
     from layerprune.data import read_records
@@ -137,7 +140,7 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
     """Write `out/metrics.json` = {task: {"value", "stderr", "n", "metric", "baseline", ...}}."""
     from layerprune import benchmarks
 
-    spec = _check_common(model, placement, batch_size)
+    spec = _check_common(model, placement, batch_size, out)
     tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
     loaded = _load(spec)
     metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,

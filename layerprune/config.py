@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,6 +27,14 @@ DEMO_HEAL_LR = 2e-3
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "nf4", "int8"]
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+# Bounds on list items and dict values live in the types, so they are in the parameters' JSON
+# schema: the Prefect UI and server (enforce_parameter_schema) refuse a bad value at submission,
+# not on a worker. Bounds that need the model's depth are checked at the start of a run.
+BlockSize = Annotated[int, Field(ge=1, le=4096, description="layers dropped")]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+ItemLimit = Annotated[int, Field(ge=1, description="items scored")]
+GpuCount = Annotated[int, Field(ge=1, le=64)]
+ModelRef = Annotated[str, Field(min_length=1, pattern=r"\S")]
 
 
 def default_artifacts_root() -> str:
@@ -95,8 +103,8 @@ class LossSpec(TextSpec):
 
 
 class PruneSpec(_Spec):
-    block_sizes: list[int] = Field(default_factory=lambda: [2, 4, 6, 8, 10], min_length=1,
-                                   description="numbers of layers to drop, each >= 1")
+    block_sizes: list[BlockSize] = Field(default_factory=lambda: [2, 4, 6, 8, 10], min_length=1,
+                                         description="numbers of layers to drop, each >= 1")
     strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
                                        min_length=1)
     export_checkpoints: bool = Field(False, description="write a full checkpoint per variant "
@@ -104,9 +112,7 @@ class PruneSpec(_Spec):
 
     @field_validator("block_sizes")
     @classmethod
-    def _positive_unique(cls, v: list[int]) -> list[int]:
-        if any(n < 1 for n in v):
-            raise ValueError(f"every block size must be >= 1, got {v}")
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
         return sorted(set(v))
 
     @field_validator("strategies")
@@ -118,13 +124,13 @@ class PruneSpec(_Spec):
 class BenchmarkSpec(_Spec):
     """lm-evaluation-harness tasks, run on the base model and on pruned (and healed) variants."""
 
-    tasks: dict[str, int | None] = Field(
+    tasks: dict[str, ItemLimit | None] = Field(
         default_factory=lambda: {"mmlu": 1, "boolq": 40},
         description="task -> items scored (the first N; per subject for MMLU; null = all). "
                     "Tasks: mmlu, boolq, arc_easy, arc_challenge, hellaswag, piqa, winogrande")
     shots: int | None = Field(None, ge=0, description="few-shot examples; null = each task's "
                               "default (MMLU 5 as in the paper, others 0)")
-    block_sizes: list[int] | None = Field(
+    block_sizes: list[BlockSize] | None = Field(
         default_factory=lambda: [6],
         description="benchmark only the variants with these n (null = every variant); "
                     "MMLU 5-shot costs ~35k tokens per model, loss is always measured")
@@ -147,7 +153,7 @@ class HealSpec(_Spec):
     """QLoRA healing of pruned variants (layerprune.heal), evaluated like the unhealed ones."""
 
     enabled: bool = Field(True, description="heal the variants selected below")
-    block_sizes: list[int] = Field(default_factory=lambda: [6], description="heal variants "
+    block_sizes: list[BlockSize] = Field(default_factory=lambda: [6], description="heal variants "
                                    "with these n (each must be one of prune.block_sizes)")
     strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
                                        min_length=1)
@@ -215,14 +221,15 @@ class SweepParams(_Spec):
     through `deployment`, gathered into one table. The remaining fields are the template every
     per-model run shares."""
 
-    models: list[str] = Field(default_factory=lambda: ["bundled:SmolLM2-135M-Instruct"],
+    models: list[ModelRef] = Field(default_factory=lambda: ["bundled:SmolLM2-135M-Instruct"],
                               min_length=1,
                               description="model refs, one run each (see ModelSpec.ref)")
-    fractions: list[float] | None = Field(
-        default_factory=lambda: [0.1, 0.2, 0.3, 0.4],
+    fractions: list[Fraction] | None = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4], min_length=1,
         description="fractions of layers to drop, each in (0, 1); each model gets "
                     "n = round(fraction x its depth), at least 1 and leaving one layer")
-    block_sizes: list[int] | None = Field(None, description="numbers of layers to drop, used "
+    block_sizes: list[BlockSize] | None = Field(None, min_length=1,
+                                                description="numbers of layers to drop, used "
                                           "as is for every model instead of fractions")
     strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
                                        min_length=1)
@@ -245,7 +252,7 @@ class SweepParams(_Spec):
                                  description="seconds to wait for each per-model run")
     gpu_count: int = Field(1, ge=1, le=64, description="GPUs each per-model run gets (job "
                            "variable gpu_count; that many slots of the `gpu` limit)")
-    gpu_counts: dict[str, int] = Field(default_factory=dict, description="per-model "
+    gpu_counts: dict[str, GpuCount] = Field(default_factory=dict, description="per-model "
                                        "overrides of gpu_count: {model ref: GPUs}")
     artifacts: str = Field(default_factory=default_artifacts_root,
                            description="artifact store root shared by every run: a local "
@@ -254,32 +261,13 @@ class SweepParams(_Spec):
     @field_validator("models")
     @classmethod
     def _unique_models(cls, v: list[str]) -> list[str]:
-        if any(not m.strip() for m in v):
-            raise ValueError("every model ref must be non-empty")
         return list(dict.fromkeys(v))
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions_in_range(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (not v or any(not 0 < f < 1 for f in v)):
-            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1), got {v}")
-        return v
-
-    @field_validator("block_sizes")
-    @classmethod
-    def _sizes_positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(n < 1 for n in v)):
-            raise ValueError(f"block_sizes must be a non-empty list of integers >= 1, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _gpu_counts_name_models(self) -> SweepParams:
         unknown = sorted(set(self.gpu_counts) - set(self.models))
         if unknown:
             raise ValueError(f"gpu_counts names {unknown}, which are not in models")
-        bad = {m: k for m, k in self.gpu_counts.items() if not 1 <= k <= 64}
-        if bad:
-            raise ValueError(f"gpu_counts values must be integers in [1, 64], got {bad}")
         return self
 
     def gpus_for(self, ref: str) -> int:

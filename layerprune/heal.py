@@ -33,7 +33,7 @@ from layerprune.assets import resolve_ref
 from layerprune.data import check_source, read_records
 from layerprune.errors import LayerPruneError
 from layerprune.figures import train_loss_curves
-from layerprune.io import atomic_output_dir, write_json_atomic
+from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
 from layerprune.models import check_model_ref, decoder_layers, load_tokenizer, read_config
 
 # Submodule names (first component below a decoder layer) that hold the feed-forward block,
@@ -210,8 +210,7 @@ def _validate(model_dir: str, data: str, out_dir: Path, cfg: HealConfig, resume:
 
     path = _resolve_model_dir(model_dir)
     check_source(data)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LayerPruneError(f"out_dir: {str(out_dir)!r} exists and is not a directory")
+    check_output_dir(out_dir, "out_dir")
     model_cfg = read_config(path)
     max_pos = getattr(model_cfg, "max_position_embeddings", None) or getattr(
         model_cfg, "n_positions", None)

@@ -30,6 +30,21 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         raise
 
 
+def check_output_dir(out: str | os.PathLike, name: str = "out") -> None:
+    """Fail before any work when `out` cannot become a directory: it, or the nearest of its
+    parents that exists, is a file (otherwise the model would load and compute, then the write
+    would fail)."""
+    from layerprune.errors import LayerPruneError
+
+    path = Path(out)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise LayerPruneError(f"{name}: {str(path)!r} cannot be a directory: "
+                                      f"{str(existing)!r} is a file")
+            return
+
+
 def read_json(path: str | os.PathLike):
     with open(path) as f:
         return json.load(f)

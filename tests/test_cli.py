@@ -131,3 +131,28 @@ def test_unknown_architecture(tmp_path, texts_jsonl, capsys):
     _fails(["prune", "--model", str(tmp_path / "bert"), "--n", "1", "--start", "0",
             "--out", str(tmp_path / "o")], capsys, "unknown architecture", "model.layers")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["distances", "--data", "TEXTS", "--samples", "2", "--seq-len", "8"],
+    ["prune", "--n", "1", "--start", "0"],
+    ["loss", "--data", "TEXTS", "--seq-len", "8"],
+    ["eval", "--tasks", "loss", "--data", "TEXTS", "--seq-len", "8"],
+])
+def test_an_out_that_is_a_file_fails_before_the_model_loads(command, tiny_models, texts_jsonl,
+                                                            tmp_path, capsys):
+    """The weights are truncated, so loading them would fail with another error: the one line
+    must be about --out, and the file must be left as it was."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for out in (taken, taken / "below"):
+        args = [texts_jsonl if a == "TEXTS" else a for a in command]
+        _fails([args[0], "--model", str(model), *args[1:], "--out", str(out)], capsys,
+               "out: ", "is a file")
+    assert taken.read_text() == "keep me"

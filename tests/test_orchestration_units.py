@@ -48,7 +48,7 @@ def test_sweep_params_validate_and_fan_out():
     ({"child_timeout_s": 5}, "child_timeout_s"),
     ({"gpu_count": 0}, "gpu_count"),
     ({"gpu_counts": {"not/in-models": 2}}, "gpu_counts names"),
-    ({"gpu_counts": {"bundled:SmolLM2-135M-Instruct": 0}}, "gpu_counts values"),
+    ({"gpu_counts": {"bundled:SmolLM2-135M-Instruct": 0}}, r"gpu_counts\.bundled"),
 ])
 def test_bad_sweep_params_name_the_parameter(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -251,3 +251,30 @@ def test_gpus_come_from_nvidia_smi_and_none_means_one_worker(tmp_path):
     assert sorted(c["gpus"] for c in calls) == ["0", "1"]
     calls = _workers(tmp_path / "none", {"POOLS": "gpu"}, nvidia_smi="exit 9")
     assert len(calls) == 1 and calls[0]["gpus"] is None and "--limit" not in calls[0]["argv"]
+
+
+@pytest.mark.parametrize("flow_name, params", [
+    ("prune_and_heal", {"prune": {"block_sizes": [0]}}),
+    ("prune_and_heal", {"heal": {"block_sizes": [2, -1]}}),
+    ("prune_and_heal", {"benchmarks": {"tasks": {"mmlu": 0}}}),
+    ("prune_and_heal", {"benchmarks": {"block_sizes": [0]}}),
+    ("prune_and_heal", {"model": {"quantization": "int4"}}),
+    ("sweep", {"fractions": [0.2, 1.5]}),
+    ("sweep", {"block_sizes": []}),
+    ("sweep", {"models": ["  "]}),
+    ("sweep", {"gpu_counts": {"bundled:SmolLM2-135M-Instruct": 0}}),
+])
+def test_bad_parameters_are_refused_by_the_schema_at_submission(flow_name, params):
+    """Bounds live in the parameters' JSON schema, which the Prefect server checks when a run
+    is created (enforce_parameter_schema): a bound kept only in a Python validator would let
+    `prefect deployment run ... --param params=...` through and fail later on a worker."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    module = importlib.import_module(f"flows.{flow_name}")
+    flow = getattr(module, flow_name)
+    schema = parameter_schema(flow.fn).model_dump_for_openapi()
+    jsonschema.validate({"params": {}}, schema)  # the defaults are valid
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"params": params}, schema)
