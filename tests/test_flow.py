@@ -97,7 +97,7 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
 
 
 def test_bad_parameters_are_refused_before_any_work(tiny_models, tmp_path):
-    with pytest.raises(ValueError, match="block size must be >= 1"):
+    with pytest.raises(ValueError, match=r"prune\.block_sizes\.0\n.*greater than or equal to 1"):
         _params(tiny_models["llama"], "x.jsonl", tmp_path, [0, 2])
     with pytest.raises(ValueError, match="samples"):
         PruneAndHealParams.model_validate({"calibration": {"samples": 0}})
