@@ -80,6 +80,11 @@ def make_batch(ids: list[list[int]], rows: list[int], pad_id: int, side: str = "
                  last.to(device), lengths)
 
 
+def at_last_token(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(b, d): each row of `hidden` (b, t, d) at its last real token, whatever the padding."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last]
+
+
 def batches(ids: list[list[int]], batch_size: int, pad_id: int, side: str = "right",
             device: str | torch.device = "cpu"):
     for rows in length_buckets(ids, batch_size):

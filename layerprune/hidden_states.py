@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from layerprune.batching import batches, pad_token_id
+from layerprune.batching import at_last_token, batches, pad_token_id
 from layerprune.errors import LayerPruneError
 from layerprune.models import base_model, decoder_layers
 from layerprune.placement import input_device
@@ -64,8 +64,7 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
         if states is None:
             states = torch.empty(n_layers + 1, n, hidden.shape[-1], dtype=torch.float32)
         b = current["batch"]
-        states[index, b.rows] = hidden[torch.arange(hidden.shape[0], device=hidden.device),
-                                       b.last].float().cpu()
+        states[index, b.rows] = at_last_token(hidden, b).float().cpu()
 
     handles = [
         layer.register_forward_pre_hook(

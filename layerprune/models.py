@@ -93,6 +93,11 @@ def hub_commit(ref: str, revision: str | None = None) -> str:
                 "revision") from None
 
 
+def pinned_revision(ref: str, revision: str | None = None) -> str | None:
+    """The commit a hub id loads at (`hub_commit`); None for a local model or a bundled one."""
+    return None if Path(resolve_ref(ref)).exists() else hub_commit(ref, revision)
+
+
 def fingerprint(ref: str, revision: str | None = None) -> str:
     """A content hash of a model: config and weight files, not their names or location.
 
@@ -167,8 +172,7 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto",
                               "be re-quantized on load; save it as a checkpoint first, or use "
                               "quantization 'none'")
     kwargs = placement_kwargs(dtype, device, quantization, device_map, max_memory, offload_folder)
-    if revision is None and not Path(resolve_ref(ref)).exists():
-        revision = hub_commit(ref)
+    revision = pinned_revision(ref, revision)
     path, source = _source_kwargs(ref, revision, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, **source, **kwargs)
     if is_gguf(resolve_ref(ref)):

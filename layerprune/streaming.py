@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.assets import resolve_ref
-from layerprune.batching import Batch, batches, length_buckets
+from layerprune.batching import at_last_token, batches, length_buckets
 from layerprune.errors import LayerPruneError
 from layerprune.hidden_states import Progress, check_finite, output_tensor
-from layerprune.models import base_model, decoder_layers, hub_commit, layer_list_owner
+from layerprune.models import base_model, decoder_layers, layer_list_owner, pinned_revision
 from layerprune.placement import parse_size, resolve_device, resolve_dtype
 from layerprune.tensor_files import checkpoint_files, skeleton
 
@@ -241,8 +241,7 @@ def last_token_states_streamed(ref: str, ids: list[list[int]], batch_size: int =
     safetensors, a .gguf file, a hub id or bundled:NAME). `max_memory` (bytes or "700MB"): fail
     before reading any weight when streaming needs more (`memory_plan`)."""
     device = resolve_device(device)
-    if revision is None and not Path(resolve_ref(ref)).exists():
-        revision = hub_commit(ref)  # pinned, as `models.load_model` does
+    revision = pinned_revision(ref, revision)  # as `models.load_model` does
     model = skeleton(ref, resolve_dtype(dtype, device), revision, trust_remote_code)
     if max_memory is not None:
         choose_extraction("streamed", memory_plan(model, ids, batch_size), max_memory)
@@ -296,7 +295,7 @@ def last_token_states_streamed(ref: str, ids: list[list[int]], batch_size: int =
 
     def record(index: int) -> None:
         for batch, h in zip(plan, hidden):
-            states[index, batch.rows] = _last(h, batch).float().cpu()
+            states[index, batch.rows] = at_last_token(h, batch).float().cpu()
         check_finite(states[index], index, n_layers)
 
     bar = tqdm(total=n_layers, desc="hidden states (streamed)", unit="layer",
@@ -319,7 +318,3 @@ def last_token_states_streamed(ref: str, ids: list[list[int]], batch_size: int =
     finally:
         bar.close()
     return states
-
-
-def _last(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last]

@@ -7,19 +7,15 @@ the flow loads that commit in every later stage, so an upstream push mid-run cha
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
-from layerprune.assets import resolve_ref
 from layerprune.config import ModelSpec
-from layerprune.models import check_architecture, fingerprint, hub_commit, read_config
+from layerprune.models import check_architecture, fingerprint, pinned_revision, read_config
 
 
 @task(name="describe-model", retries=1)
 def describe_model(model: ModelSpec) -> dict:
-    is_hub = not Path(resolve_ref(model.ref)).exists()
-    revision = hub_commit(model.ref, model.revision) if is_hub else None
+    revision = pinned_revision(model.ref, model.revision)
     num_layers = check_architecture(model.ref, model.trust_remote_code, revision)
     config = read_config(model.ref, model.trust_remote_code, revision)
     return {"ref": model.ref, "revision": revision,
