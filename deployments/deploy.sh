@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create the work pools and the `gpu` concurrency limit if missing, then register every
-# deployment of deployments/prefect.yaml. Idempotent; `make deploy` and the e2e test run it.
+# Create the work pools and the `gpu` concurrency limit if missing, (re)create the automation
+# that marks runs without heartbeats Crashed, then register every deployment of
+# deployments/prefect.yaml. Idempotent; `make deploy` and the e2e test run it.
 #
 #   PREFECT           the prefect CLI (default: prefect on PATH)
 #   GPU_SLOTS         GPUs that runs may hold at once (global concurrency limit `gpu`; a
@@ -8,6 +9,8 @@
 #   GPU_POOL_TYPE     process (default), docker or kubernetes
 #   GPU_POOL_TEMPLATE base job template for a docker/kubernetes gpu pool, e.g.
 #                     deployments/docker-gpu-pool.json (needs prefect-docker / prefect-kubernetes)
+#   ZOMBIE_AFTER_S    seconds without any event after a run's heartbeat before the run is marked
+#                     Crashed (default 90: two missed heartbeats at the 30 s of workers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=${PREFECT:-prefect}
@@ -16,6 +19,11 @@ if [ -z "${GPU_SLOTS:-}" ]; then
   [ "$GPU_SLOTS" -ge 1 ] 2>/dev/null || GPU_SLOTS=1
 fi
 GPU_POOL_TYPE=${GPU_POOL_TYPE:-process}
+ZOMBIE_AFTER_S=${ZOMBIE_AFTER_S:-90}
+case "$ZOMBIE_AFTER_S" in
+  ''|*[!0-9]*) echo "ZOMBIE_AFTER_S must be a whole number of seconds, got '$ZOMBIE_AFTER_S'" >&2
+               exit 2 ;;
+esac
 
 create_pool() {  # name type [template]
   if $PREFECT work-pool inspect "$1" >/dev/null 2>&1; then
@@ -35,11 +43,25 @@ ensure_gpu_limit() {
   fi
 }
 
+ensure_zombie_automation() {  # deployments/zombie-automation.yaml, `within` from ZOMBIE_AFTER_S
+  local file name
+  file=$(mktemp --suffix=.yaml)
+  sed "s/^\(  within:\).*/\1 $ZOMBIE_AFTER_S/" deployments/zombie-automation.yaml >"$file"
+  name=$(sed -n 's/^name: *//p' "$file")
+  # Replace it: the CLI updates automations by id only, and this keeps deploy.sh idempotent.
+  $PREFECT --no-prompt automation delete "$name" >/dev/null 2>&1 || true
+  local rc=0
+  $PREFECT automation create --from-file "$file" || rc=$?
+  rm -f "$file"
+  return $rc
+}
+
 # Independent, so in parallel (each prefect CLI call spends seconds importing).
 create_pool gpu "$GPU_POOL_TYPE" "${GPU_POOL_TEMPLATE:-}" & gpu_pool=$!
 # The sweep parent waits on its children: it gets a pool of its own so it can never take the
 # slot a child needs.
 create_pool cpu process & cpu_pool=$!
 ensure_gpu_limit & gpu_limit=$!
-wait $gpu_pool && wait $cpu_pool && wait $gpu_limit
+ensure_zombie_automation & zombie=$!
+wait $gpu_pool && wait $cpu_pool && wait $gpu_limit && wait $zombie
 $PREFECT --no-prompt deploy --all --prefect-file deployments/prefect.yaml

@@ -12,6 +12,10 @@
 # No GPU found and none given: one gpu worker without a limit, as on a CPU machine.
 set -uo pipefail
 PREFECT=${PREFECT:-prefect}
+# Flow runs emit a heartbeat this often (seconds, >= 30; Prefect's default is 180): with the
+# automation of deployments/zombie-automation.yaml, a run whose worker or machine died is marked
+# Crashed about 90 s later instead of staying Running.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}
 
 gpu_groups() {  # one group per line
   if [ -n "${GPU_GROUPS:-}" ]; then

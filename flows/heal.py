@@ -15,40 +15,49 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.deployments import run_deployment
 
 from layerprune.config import HealSpec, ModelSpec
+from layerprune.remote import check_reachable
+from layerprune.store import ArtifactStore
+from tasks.children import run_child
 from tasks.gpus import gpu_job, gpu_slots
-from tasks.heal import heal_variant
-from tasks.results import use_artifact_store
+from tasks.heal import STAGE, heal_variant
 
 HEAL_DEPLOYMENT = "heal-variant/default"  # deployments/prefect.yaml
 
 
-# The manifest is persisted as JSON in the artifact store, so the parent reads it back.
-@flow(name="heal-variant", log_prints=True, persist_result=True, result_serializer="json")
+# Not persisted: the parent reads the heal stage's manifest from the artifact store (run_heal).
+@flow(name="heal-variant", log_prints=True, persist_result=False)
 def heal_one(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
              spec: HealSpec) -> dict:
     """Heal the variant `recipe` of `model` (tasks.heal.heal_variant); its manifest."""
-    use_artifact_store(store_root)
+    check_reachable(store_root)
     with gpu_slots():
         return heal_variant(store_root, model, model_info, recipe, spec)
+
+
+def heal_key(model: ModelSpec, model_info: dict, recipe: dict, spec: HealSpec) -> str:
+    """The heal stage's key for this variant: the address its manifest has in the store."""
+    return heal_variant.key({"model": model, "model_info": model_info, "recipe": recipe,
+                             "spec": spec})
 
 
 @task(name="dispatch-heal", task_run_name="dispatch-heal-{label}", cache_policy=NO_CACHE)
 def run_heal(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
              spec: HealSpec, gpu_count: int, label: str) -> dict:
-    """Run `heal-variant/default` for one variant and wait; the heal stage's manifest."""
-    run = run_deployment(HEAL_DEPLOYMENT, poll_interval=5, **gpu_job(gpu_count), parameters={
+    """Run `heal-variant/default` for one variant and wait; the heal stage's manifest, read from
+    the store under the key this process computes (no Prefect result is read back)."""
+    key = heal_key(model, model_info, recipe, spec)
+    run = run_child(HEAL_DEPLOYMENT, {
         "store_root": store_root, "model": model.model_dump(mode="json"),
-        "model_info": model_info, "recipe": recipe, "spec": spec.model_dump(mode="json")})
-    state = run.state
-    if state is None or not state.is_completed():
-        raise RuntimeError(f"heal {label}: flow run {run.name} ({run.id}) ended "
-                           f"{state.name if state else 'without a state'}: "
-                           f"{state.message if state else ''}")
+        "model_info": model_info, "recipe": recipe, "spec": spec.model_dump(mode="json")},
+        f"heal {label}", work=f"heal-{key}", **gpu_job(gpu_count))
+    manifest = ArtifactStore(store_root).manifest(STAGE, key)
+    if manifest is None:
+        raise RuntimeError(f"heal {label}: flow run {run.name} ({run.id}) completed but "
+                           f"{STAGE}/{key} is not complete in {store_root}")
     get_run_logger().info("heal %s: flow run %s completed", label, run.name)
-    return state.result()
+    return manifest
 
 
 def heal_in_deployments(store_root: str, model: ModelSpec, model_info: dict,

@@ -17,38 +17,44 @@ import json
 import sys
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.heal import heal_in_deployments
 from layerprune.config import ModelSpec, PruneAndHealParams
 from layerprune.data import check_source
+from layerprune.models import check_context
 from layerprune.prune import check_block_size
+from layerprune.remote import check_reachable
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
-from tasks.common import stage_files
+from tasks.common import stage_files, stage_policy
 from tasks.gpus import GpuSlots, gpu_slots
 from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
 from tasks.report import publish_report
-from tasks.results import use_artifact_store
+from tasks.results import write_run_summary
 
 
-# The summary is persisted as JSON (no pickle) so a sweep can read it from another process.
-@flow(name="prune-and-heal", log_prints=True, persist_result=True, result_serializer="json")
+# The summary is stored in the artifact store (runs/<flow run id>/summary.json, where a sweep
+# reads it from another machine), so the flow's return value needs no Prefect result storage.
+@flow(name="prune-and-heal", log_prints=True, persist_result=False)
 def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     # Cheap checks first: a bad data path or block size fails before any model is loaded.
     check_source(params.calibration.data)
     check_source(params.loss.data)
     if params.heal.enabled:
         check_source(params.heal.data)
-    use_artifact_store(params.artifacts)  # fails fast if unreachable; results + cache go there
+    check_reachable(params.artifacts)  # one clear error, before any work, if unreachable
     # A run from a deployment (UI, CLI, schedule, sweep) holds its `gpu_count` slots of the
     # global limit `gpu` from here on: taken by the run itself, so the limit covers every run
     # however started, and given back while heal-variant children heal (tasks/gpus.py).
-    with gpu_slots() as gpus:
-        return _prune_and_heal(params, gpus)
+    with gpu_slots() as gpus, stage_policy(params.refresh, params.verify_artifacts):
+        summary = _prune_and_heal(params, gpus)
+    write_run_summary(params.artifacts, flow_run.id, summary)  # for a parent (tasks/results.py)
+    return summary
 
 
 def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
@@ -58,6 +64,7 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
     params = params.model_copy(update={"model": pinned(params.model, model_info)})
     for n in params.prune.block_sizes:
         check_block_size(n, model_info["num_layers"])
+    _check_contexts(params)
 
     tokens = calibrate(root, params.model, model_info, params.calibration)
     states = extract_hidden_states(root, params.model, model_info, tokens, params.batch_size,
@@ -102,6 +109,17 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
     return summary
 
 
+def _check_contexts(params: PruneAndHealParams) -> None:
+    """Every sequence length within the model's context, before any weights load (config only)."""
+    m = params.model
+    lengths = {"calibration.seq_len": params.calibration.seq_len,
+               "loss.seq_len": params.loss.seq_len}
+    if params.heal.enabled:
+        lengths["heal.config.seq_len"] = params.heal.config.seq_len
+    for name, seq_len in lengths.items():
+        check_context(m.ref, seq_len, name, m.trust_remote_code, m.revision)
+
+
 def _benchmarked(params: PruneAndHealParams, n: int) -> bool:
     sizes = params.benchmarks.block_sizes
     return sizes is None or n in sizes
@@ -134,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the prune-and-heal flow locally.")
     parser.add_argument("--params", help="JSON file with PruneAndHealParams (default: demo)")
     args = parser.parse_args(argv)
-    params = PruneAndHealParams()
-    if args.params:
-        with open(args.params) as f:
-            params = PruneAndHealParams.model_validate(json.load(f))
+    try:
+        params = PruneAndHealParams()
+        if args.params:
+            with open(args.params) as f:
+                params = PruneAndHealParams.model_validate(json.load(f))
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        first = e.errors()[0] if hasattr(e, "errors") else None
+        where = ".".join(str(x) for x in first["loc"]) if first else "--params"
+        print(f"prune-and-heal: error: {where}: {first['msg'] if first else e}", file=sys.stderr)
+        return 2
     summary = prune_and_heal(params)
     print(summary["table"])
     print("base model: " + ", ".join(f"{k} {v}" for k, v in summary["base"].items()))

@@ -16,38 +16,72 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.futures import wait
+from prefect.runtime import flow_run
 
 from layerprune.config import SweepParams
-from tasks.results import use_artifact_store
+from layerprune.remote import check_reachable
+from tasks.results import write_run_summary
 from tasks.sweep import model_depth, model_label, publish_sweep_report, run_model
 
 
-@flow(name="sweep", log_prints=True, persist_result=True, result_serializer="json")
+# The summary goes to the artifact store (runs/<flow run id>/summary.json), not to Prefect's
+# result storage: nothing reads the flow's return value from another process.
+@flow(name="sweep", log_prints=True, persist_result=False)
 def sweep(params: SweepParams = SweepParams()) -> dict:
+    """One child run per model; a model that cannot be planned or whose run fails is reported
+    and the others go on. The comparison of the models that completed is always published; the
+    sweep then ends Failed, naming each model that did not complete and why, because a sweep
+    that did not measure every model it was asked to is not a success (a nightly that silently
+    dropped a model would go unnoticed). Retrying it re-attaches to the children that completed
+    and re-attempts the others (tasks/children.py)."""
     logger = get_run_logger()
-    use_artifact_store(params.artifacts)  # fails fast if the store is unreachable
+    check_reachable(params.artifacts)  # one clear error if the store is unreachable
     labels = {ref: model_label(ref, params.models) for ref in params.models}
-    if params.block_sizes is not None:
-        sizes = {ref: params.block_sizes_for(0) for ref in params.models}
-    else:  # fractions need each model's depth: read from its config, no weights
-        depths = {ref: model_depth.submit(ref) for ref in params.models}
-        sizes = {ref: params.block_sizes_for(d.result()) for ref, d in depths.items()}
+    failed: dict[str, str] = {}
+    sizes = _plan(params, labels, failed)
 
     runs = {ref: run_model.submit(params.deployment,
-                                  params.child(ref, sizes[ref]).model_dump(mode="json"),
+                                  params.child(ref, n).model_dump(mode="json"),
                                   params.child_timeout_s, labels[ref], params.gpus_for(ref))
-            for ref in params.models}
+            for ref, n in sizes.items()}
     wait(list(runs.values()))
     done = [f.result() for f in runs.values() if f.state.is_completed()]
-    failed = {labels[ref]: f.state.message for ref, f in runs.items()
-              if not f.state.is_completed()}
+    failed.update({labels[ref]: _why(f) for ref, f in runs.items() if not f.state.is_completed()})
 
     summary: dict = {"models": len(params.models), "completed": [d["model"] for d in done],
-                     "failed": failed}
+                     "failed": {m: failed[m] for m in labels.values() if m in failed}}
     if done:  # a partial comparison is still worth having
         summary.update(publish_sweep_report(params.artifacts, done))
         logger.info("sweep report: %s", summary["report_uri"])
+    write_run_summary(params.artifacts, flow_run.id, summary)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(params.models)} model runs failed: "
-                           + "; ".join(f"{m}: {msg}" for m, msg in failed.items()))
+        raise RuntimeError(f"{len(failed)} of {len(params.models)} models did not complete: "
+                           + "; ".join(f"{m}: {msg}" for m, msg in summary["failed"].items()))
     return summary
+
+
+def _plan(params: SweepParams, labels: dict[str, str], failed: dict[str, str]) -> dict:
+    """{ref: block sizes} of every model that can be planned; the others go into `failed`."""
+    if params.block_sizes is not None:
+        return {ref: params.block_sizes_for(0) for ref in params.models}
+    # Fractions need each model's depth: read from its config, no weights.
+    depths = {ref: model_depth.submit(ref) for ref in params.models}
+    wait(list(depths.values()))
+    sizes = {}
+    for ref, depth in depths.items():
+        if not depth.state.is_completed():
+            failed[labels[ref]] = f"planning it failed: {_why(depth)}"
+            continue
+        try:
+            sizes[ref] = params.block_sizes_for(depth.result())
+        except ValueError as e:
+            failed[labels[ref]] = f"planning it failed: {e}"
+    return sizes
+
+
+def _why(future) -> str:
+    """The error a failed task run raised, as one line."""
+    error = future.result(raise_on_failure=False)
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return future.state.message or future.state.name

@@ -14,8 +14,8 @@ from layerprune.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
 from layerprune.data import check_source
 from layerprune.errors import LayerPruneError
 from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
-from layerprune.models import (LoadedModel, check_architecture, check_model_ref, load_model,
-                               load_tokenizer)
+from layerprune.models import (LoadedModel, check_architecture, check_context, check_model_ref,
+                               check_tokenizer, check_weights, load_model, load_tokenizer)
 
 
 def model_spec(model: str, placement: dict):
@@ -40,11 +40,23 @@ def _load(spec) -> LoadedModel:
 
 
 def _check_common(model: str, placement: dict, batch_size: int, out: str):
+    check_output_dir(out)  # first: the cheapest check, and a file there is never right
     spec = model_spec(model, placement)
-    check_output_dir(out)
     if batch_size <= 0:
         raise LayerPruneError(f"batch_size must be a positive integer, got {batch_size}")
     return spec
+
+
+def _check_model(spec, seq_len: int | None = None) -> None:
+    """What the model's config and files can tell before its weights load: a known
+    architecture, weight files that are whole, a tokenizer, and a context that holds `seq_len`
+    tokens (records longer than `seq_len` are cut to their first `seq_len` tokens; a `seq_len`
+    past the context is refused)."""
+    check_architecture(spec.ref, spec.trust_remote_code, spec.revision)
+    check_weights(spec.ref)
+    check_tokenizer(spec.ref, spec.trust_remote_code, spec.revision)
+    if seq_len is not None:
+        check_context(spec.ref, seq_len, "seq_len", spec.trust_remote_code, spec.revision)
 
 
 def distances(model: str, data: str, samples: int, seq_len: int, out: str,
@@ -59,16 +71,21 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
     streamed when the model does not fit `memory_budget` ("700MB", "40GB"; default: the memory
     available), the most weights + activations held at once. `placement`: how the model is
     held (`model_spec`)."""
-    spec = model_spec(model, placement)
     check_output_dir(out)
+    spec = model_spec(model, placement)
     batch_size = resolve_batch_size(batch_size, spec.device)
     calibration.check_sizes(samples, seq_len)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise LayerPruneError(f"seed must be an integer in 0..2^63-1 (or none: the first "
+                              f"`samples` records), got {seed}")
     check_source(data)
     if padding_side not in PADDING_SIDES:
         raise LayerPruneError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     texts = calibration.sample_texts(data, samples, seed, text_field)
+    check_weights(spec.ref, require=False)  # planning reads the headers of those there are
     mode = streaming.extraction_for(spec, len(texts), seq_len, batch_size, extraction,
                                     memory_budget)
+    _check_model(spec, seq_len)
     loaded = _load(spec) if mode == "in-memory" else None
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(spec.ref, spec.trust_remote_code,
                                                                spec.revision)
@@ -94,17 +111,20 @@ def prune(model: str, n: int, out: str, start: int | None = None, strategy: str 
     A local safetensors checkpoint is pruned by surgery on disk, never loaded, in the dtype it
     has (`dtype` auto, or that dtype); another dtype, a GGUF file or a hub id loads and saves
     (`prune.write_pruned`)."""
-    model_spec(model, {"dtype": dtype})
     check_output_dir(out)
+    model_spec(model, {"dtype": dtype})
     if (start is None) == (strategy is None):
         raise LayerPruneError("give exactly one of start (--start) or strategy (--strategy)")
-    num_layers = check_architecture(model)
-    doc = None
-    if strategy == "similarity":
+    if strategy == "similarity":  # before the model's config is read: this needs no model
         if distances_dir is None:
             raise LayerPruneError("strategy 'similarity' needs --distances DIR")
         if not (Path(distances_dir) / dist.DISTANCES_FILE).is_file():
             raise LayerPruneError(f"distances: no {dist.DISTANCES_FILE} in {distances_dir!r}")
+    num_layers = check_architecture(model)
+    check_weights(model)
+    check_tokenizer(model)  # the checkpoint written must load with its tokenizer
+    doc = None
+    if strategy == "similarity":
         doc = dist.load(distances_dir)
     if strategy is not None:
         drop = prune_mod.choose_block(strategy, n, num_layers, doc["distance"] if doc else None)
@@ -126,11 +146,15 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
     from layerprune.data import read_records
 
     texts = read_records(data, limit=samples, text_field=text_field)
+    _check_model(spec, seq_len)
     loaded = _load(spec)
     ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
     result = loss_mod.next_token_loss(loaded.model, loaded.tokenizer, ids, batch_size)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out) / "loss.json", result)
+    # Said in the result, not only in the docs: how many records were cut to seq_len tokens.
+    result = {**result, "records": len(ids), "seq_len": seq_len,
+              "truncated": loss_mod.truncated_records(texts, ids, loaded.tokenizer, seq_len)}
+    with atomic_output_dir(out) as tmp:
+        write_json_atomic(tmp / "loss.json", result)
     return result
 
 
@@ -142,12 +166,17 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
 
     spec = _check_common(model, placement, batch_size, out)
     tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
+    if "loss" in tasks:  # read the loss text now: a bad record fails before the model loads
+        from layerprune.data import read_records
+
+        read_records(data or benchmarks.DEFAULT_LOSS_DATA, limit=samples or limit)
+    _check_model(spec, seq_len if "loss" in tasks else None)
     loaded = _load(spec)
     metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
                                   batch_size=batch_size, loss_data=data, loss_seq_len=seq_len,
                                   loss_samples=samples)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    benchmarks.write_metrics(metrics, out)
+    with atomic_output_dir(out) as tmp:
+        benchmarks.write_metrics(metrics, tmp)
     return metrics
 
 
@@ -159,4 +188,43 @@ def heal(model: str, data: str, out: str, steps: int, **config) -> dict:
     """
     from layerprune import heal as heal_mod
 
-    return heal_mod.heal(model, data, out, {"steps": steps, **config})
+    cfg = heal_mod.check_config({"steps": steps, **config})
+    check_output_dir(out)
+    _check_pruned_checkpoint(model)
+    check_source(data)
+    check_context(model, cfg.seq_len)
+    return heal_mod.heal(model, data, out, cfg)
+
+
+def _check_pruned_checkpoint(model: str) -> None:
+    """`layerprune heal` heals what `layerprune prune` wrote: a checkpoint directory with its
+    `prune.json`, whose layer count matches the config. (The library's `heal.heal` takes any
+    checkpoint: fine-tuning an unpruned model is legitimate there, but on the command line it
+    is almost always the wrong directory, e.g. the source model instead of the pruned one.)"""
+    import json
+
+    from layerprune.models import read_config
+    from layerprune.prune import layer_config
+
+    check_model_ref(model)
+    check_weights(model)
+    path = Path(model)
+    if not path.is_dir():
+        raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint directory; heal "
+                              "takes the --out directory of `layerprune prune`")
+    record = path / "prune.json"
+    if not record.is_file():
+        raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint (no prune.json); "
+                              "heal takes the --out directory of `layerprune prune`")
+    try:
+        doc = json.loads(record.read_text(encoding="utf-8"))
+        removed, after = list(doc["removed_layers"]), doc.get("num_layers_after")
+    except (ValueError, KeyError, TypeError) as e:
+        raise LayerPruneError(f"model: {str(record)!r} is not a valid prune record "
+                              f"({type(e).__name__}: {e})") from None
+    layers = layer_config(read_config(model)).num_hidden_layers
+    if after is not None and after != layers:
+        raise LayerPruneError(f"model: {str(record)!r} says {after} layers remain after removing "
+                              f"{len(removed)}, but the checkpoint's config has {layers}: "
+                              "prune.json does not belong to these weights")
+    check_tokenizer(model)

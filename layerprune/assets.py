@@ -122,8 +122,11 @@ DEFAULT_ASSETS = ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf", "hf_dat
                   "wiki-calibration", "wiki-heldout", "wiki-heal")
 
 
+CACHE_ENV = "LAYERPRUNE_CACHE"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("LAYERPRUNE_CACHE", Path.home() / ".cache" / "layerprune"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "layerprune"))
 
 
 def check_bundled(ref: str) -> None:
@@ -161,10 +164,19 @@ def ensure(name: str, verbose: bool = True) -> Path:
 def fetch(names: Iterable[str] | None = None, verbose: bool = True) -> dict[str, Path]:
     """Build the named assets (`bundled:` prefix optional; default `DEFAULT_ASSETS`) that are
     not in the cache yet; returns their paths. Every name is checked before anything is built."""
+    from layerprune.io import NoSpaceLeft, check_output_dir, is_disk_full
+
     names = [n.removeprefix("bundled:") for n in (DEFAULT_ASSETS if names is None else names)]
     for name in names:
         check_bundled(name)
-    return {name: ensure(name, verbose) for name in names}
+    check_output_dir(cache_dir(), CACHE_ENV)
+    try:
+        return {name: ensure(name, verbose) for name in names}
+    except Exception as e:  # every writer below cleans up its temporary files itself
+        if isinstance(e, LayerPruneError) or not is_disk_full(e):
+            raise
+        raise NoSpaceLeft(f"{CACHE_ENV}: no space left on device writing the assets into "
+                          f"{str(cache_dir())!r}", cache_dir()) from e
 
 
 # ----------------------------------------------------------------------------- downloading
@@ -310,8 +322,12 @@ def _derive_wiki_texts(dest: Path, verbose: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, texts in splits.items():
         tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        os.replace(tmp, out / f"{name}.jsonl")
+        try:
+            tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts),
+                           encoding="utf-8")
+            os.replace(tmp, out / f"{name}.jsonl")
+        finally:  # a failed write (a full disk) leaves no half file behind
+            tmp.unlink(missing_ok=True)
 
 
 # name -> (build(dest, verbose), names built first)

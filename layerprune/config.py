@@ -35,6 +35,13 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 ItemLimit = Annotated[int, Field(ge=1, description="items scored")]
 GpuCount = Annotated[int, Field(ge=1, le=64)]
 ModelRef = Annotated[str, Field(min_length=1, pattern=r"\S")]
+# A size as `layerprune.placement.parse_size` reads it (700MB, 40GB, 1.5GiB, bytes); that it is
+# above zero is left to the validator (a pattern for it would be unreadable).
+Size = Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$",
+                            description="e.g. 700MB, 40GB, 1.5GiB")]
+# Where accelerate may put a module: a GPU index, cpu, disk, or a named device.
+PlacedDevice = Annotated[int, Field(ge=0)] | Annotated[
+    str, Field(pattern=r"^(cpu|disk|mps|(cuda|xpu|npu|mlu|hpu)(:\d+)?|\d+)$")]
 
 
 def default_artifacts_root() -> str:
@@ -42,12 +49,30 @@ def default_artifacts_root() -> str:
                           str(Path.home() / ".cache" / "layerprune" / "artifacts"))
 
 
+def check_artifacts_root(root: str) -> str:
+    """A local artifact root must be able to become a directory: it, or the nearest of its
+    parents that exists, is not a file. Checked when the parameters are validated (a run's
+    first step, before any model loads); a JSON schema cannot say it, and whether an S3 bucket
+    answers is `layerprune.remote.check_reachable`'s job, at the start of the flow."""
+    from layerprune.io import check_output_dir
+    from layerprune.remote import is_remote
+
+    if not is_remote(root):
+        source = " (from env LAYERPRUNE_ARTIFACTS)" \
+            if root == os.environ.get("LAYERPRUNE_ARTIFACTS") else ""
+        try:
+            check_output_dir(Path(root.removeprefix("file://")).expanduser(), "artifacts")
+        except LayerPruneError as e:
+            raise ValueError(f"{e}{source}") from None
+    return root
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(_Spec):
-    ref: str = Field("bundled:SmolLM2-135M-Instruct", min_length=1,
+    ref: str = Field("bundled:SmolLM2-135M-Instruct", min_length=1, pattern=r"\S",
                      description="Hub id (HuggingFaceTB/SmolLM2-135M), local HF directory, "
                                  ".gguf file, or bundled:SmolLM2-135M-Instruct")
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU that has it, "
@@ -56,15 +81,15 @@ class ModelSpec(_Spec):
                         description="auto: the first GPU if any, else cpu")
     quantization: Quantization = Field("none", description="bitsandbytes on load: nf4 (4-bit, "
                                        "as QLoRA) or int8; none keeps `dtype`")
-    device_map: DeviceMap | dict[str, int | str] | None = Field(
+    device_map: DeviceMap | dict[str, PlacedDevice] | None = Field(
         None, description="spread the model over devices (accelerate): auto, balanced, "
         "sequential, or {module: device}; null: the whole model on `device`")
-    max_memory: dict[str, str] | None = Field(
+    max_memory: dict[str, Size] | None = Field(
         None, description='per device, with device_map: {"0": "70GiB", "cpu": "100GiB"}')
-    offload_folder: str | None = Field(None, description="with device_map: where layers that "
-                                       "fit no device are offloaded to disk")
-    revision: str | None = Field(None, description="hub models: branch, tag or commit; the run "
-                                 "pins the commit it resolves to")
+    offload_folder: str | None = Field(None, min_length=1, description="with device_map: "
+                                       "where layers that fit no device are offloaded to disk")
+    revision: str | None = Field(None, pattern=r"^\S+$", description="hub models: branch, tag "
+                                 "or commit; the run pins the commit it resolves to")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -82,22 +107,25 @@ class ModelSpec(_Spec):
 
 
 class TextSpec(_Spec):
-    data: str = Field(min_length=1, description=".txt/.jsonl/.parquet file, saved dataset "
-                                                "directory, bundled:<name>, or hub dataset")
+    data: str = Field(min_length=1, pattern=r"\S", description=".txt/.jsonl/.parquet file, "
+                      "saved dataset directory, bundled:<name>, or hub dataset")
     samples: int = Field(ge=1, le=1_000_000, description="number of records used")
-    seq_len: int = Field(ge=2, le=131_072, description="tokens kept per record")
-    text_field: str = "text"
+    seq_len: int = Field(ge=2, le=131_072, description="tokens kept per record (longer records "
+                         "are cut; at most the model's context)")
+    text_field: str = Field("text", min_length=1, description="the field (.jsonl) or column "
+                            "(.parquet, dataset) holding the text")
 
 
 class CalibrationSpec(TextSpec):
-    data: str = "bundled:wiki-calibration"
+    # Each redefined field restates its bounds: a subclass's field replaces the parent's whole.
+    data: str = Field("bundled:wiki-calibration", min_length=1, pattern=r"\S")
     samples: int = Field(128, ge=1, le=1_000_000)
     seq_len: int = Field(128, ge=2, le=131_072)
-    seed: int | None = Field(None, description="None: the first `samples` records")
+    seed: int | None = Field(None, ge=0, description="None: the first `samples` records")
 
 
 class LossSpec(TextSpec):
-    data: str = "bundled:wiki-heldout"
+    data: str = Field("bundled:wiki-heldout", min_length=1, pattern=r"\S")
     samples: int = Field(32, ge=1, le=1_000_000)
     seq_len: int = Field(128, ge=2, le=131_072)
 
@@ -121,10 +149,16 @@ class PruneSpec(_Spec):
         return list(dict.fromkeys(v))
 
 
+# lm-eval tasks (layerprune.benchmarks.TASKS but "loss", which is always measured); an enum on
+# the dict's keys, so the schema (propertyNames) refuses an unknown task at submission.
+BenchmarkTask = Literal["mmlu", "boolq", "arc_easy", "arc_challenge", "hellaswag", "piqa",
+                        "winogrande"]
+
+
 class BenchmarkSpec(_Spec):
     """lm-evaluation-harness tasks, run on the base model and on pruned (and healed) variants."""
 
-    tasks: dict[str, ItemLimit | None] = Field(
+    tasks: dict[BenchmarkTask, ItemLimit | None] = Field(
         default_factory=lambda: {"mmlu": 1, "boolq": 40},
         description="task -> items scored (the first N; per subject for MMLU; null = all). "
                     "Tasks: mmlu, boolq, arc_easy, arc_challenge, hellaswag, piqa, winogrande")
@@ -157,7 +191,7 @@ class HealSpec(_Spec):
                                    "with these n (each must be one of prune.block_sizes)")
     strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
                                        min_length=1)
-    data: str = Field("bundled:wiki-heal", min_length=1,
+    data: str = Field("bundled:wiki-heal", min_length=1, pattern=r"\S",
                       description="healing text (C4 in the paper: allenai/c4:en:train)")
     config: HealConfig = Field(default_factory=lambda: HealConfig(
         steps=DEMO_HEAL_STEPS, seq_len=128, batch_size=4, lr=DEMO_HEAL_LR, save_every=5,
@@ -176,8 +210,8 @@ class ExtractionSpec(_Spec):
     mode: Literal["auto", "in-memory", "streamed"] = Field(
         "auto", description="streamed: one decoder layer in memory at a time; auto: streamed "
                             "when the model does not fit max_memory")
-    max_memory: str | None = Field(None, description="most weights + activations held at "
-                                   "once, e.g. 700MB, 40GB (default: the memory available)")
+    max_memory: Size | None = Field(None, description="most weights + activations held at "
+                                    "once, e.g. 700MB, 40GB (default: the memory available)")
 
     @field_validator("max_memory")
     @classmethod
@@ -192,6 +226,10 @@ class ExtractionSpec(_Spec):
         return v
 
 
+# The stages of tasks/ (their STAGE names), for `refresh`.
+StageName = Literal["calibration", "hidden_states", "distances", "prune", "eval", "heal", "report"]
+
+
 class PruneAndHealParams(_Spec):
     """Everything one `prune-and-heal` run needs; the defaults are the demo."""
 
@@ -203,8 +241,19 @@ class PruneAndHealParams(_Spec):
     heal: HealSpec = Field(default_factory=HealSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
-    artifacts: str = Field(default_factory=default_artifacts_root,
-                           description="artifact store root: a local directory or s3://bucket/prefix")
+    artifacts: str = Field(default_factory=default_artifacts_root, min_length=1, pattern=r"\S",
+                           validate_default=True, description="artifact store root: a local "
+                           "directory or s3://bucket/prefix (default: env LAYERPRUNE_ARTIFACTS)")
+    refresh: list[StageName] = Field(default_factory=list,
+                                     description="stages to compute again even when the store "
+                                                 "has them (their stored results are replaced)")
+    verify_artifacts: bool = Field(False, description="checksum every file of a reused artifact "
+                                   "(by default: sizes, and checksums of files up to 1 MiB)")
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_root(cls, v: str) -> str:
+        return check_artifacts_root(v)
 
     @model_validator(mode="after")
     def _healed_sizes_are_pruned(self) -> PruneAndHealParams:
@@ -254,9 +303,15 @@ class SweepParams(_Spec):
                            "variable gpu_count; that many slots of the `gpu` limit)")
     gpu_counts: dict[str, GpuCount] = Field(default_factory=dict, description="per-model "
                                        "overrides of gpu_count: {model ref: GPUs}")
-    artifacts: str = Field(default_factory=default_artifacts_root,
-                           description="artifact store root shared by every run: a local "
-                                       "directory or s3://bucket/prefix")
+    artifacts: str = Field(default_factory=default_artifacts_root, min_length=1, pattern=r"\S",
+                           validate_default=True, description="artifact store root shared by "
+                           "every run: a local directory or s3://bucket/prefix (default: env "
+                           "LAYERPRUNE_ARTIFACTS)")
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_root(cls, v: str) -> str:
+        return check_artifacts_root(v)
 
     @field_validator("models")
     @classmethod

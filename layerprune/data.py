@@ -32,6 +32,10 @@ def check_source(source: str) -> None:
     if path.suffix in (".txt", ".jsonl", ".parquet") or path.exists():
         if not path.exists():
             raise LayerPruneError(f"data: {source!r} does not exist")
+        if not (path.is_file() or path.is_dir()):  # a FIFO would block the run forever
+            raise LayerPruneError(f"data: {source!r} is not a regular file or directory "
+                                  f"({_file_kind(path)}); give a .txt, .jsonl or .parquet file "
+                                  "or a saved dataset directory")
         if path.is_file() and path.stat().st_size == 0:
             raise LayerPruneError(f"data: {source!r} is empty")
         if path.is_dir() and not _is_saved_dataset(path):
@@ -44,6 +48,8 @@ def check_source(source: str) -> None:
                 f"data: {source!r} has an unsupported extension; use .txt, .jsonl, .parquet, "
                 "a saved dataset directory, or a hub dataset name"
             )
+        if path.is_file():
+            _sniff(path, source)
         return
     if source.split(":")[0].count("/") != 1:
         raise LayerPruneError(
@@ -52,16 +58,72 @@ def check_source(source: str) -> None:
         )
 
 
+_SNIFF_BYTES = 1 << 16
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+
+
+def _sniff(path: Path, source: str) -> None:
+    """Open the file and look at its first 64 KiB, so that an unreadable file, a binary one
+    under a text name, or a cut-off Parquet file fails here, before any model is loaded,
+    rather than as a decode error or a pyarrow traceback later."""
+    import codecs
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+            if path.suffix == ".parquet":
+                f.seek(max(path.stat().st_size - 4, 0))
+                tail = f.read(4)
+    except OSError as e:
+        raise LayerPruneError(f"data: cannot read {source!r}: {e.strerror or e}") from None
+    if path.suffix == ".parquet":
+        if head[:4] != b"PAR1" or tail != b"PAR1":
+            raise LayerPruneError(f"data: {source!r} is not a complete Parquet file (no PAR1 "
+                                  "marker at its start and end: truncated or not Parquet)")
+        return
+    try:  # an incremental decoder: a character cut at the 64 KiB boundary is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise LayerPruneError(_not_utf8(source, e.object[e.start], e.start)) from None
+    if b"\0" in head:
+        raise LayerPruneError(f"data: {source!r} holds NUL bytes at offset {head.index(0)}: a "
+                              f"binary file, not {path.suffix} text (UTF-8)")
+
+
+def _not_utf8(source: str, byte: int, offset: int) -> str:
+    return (f"data: {source!r} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
+            ".txt and .jsonl files must be UTF-8")
+
+
 def read_records(source: str, limit: int | None = None, text_field: str = "text") -> list[str]:
-    """The first `limit` records (all when None) of `source`, in order. Empty records are errors."""
+    """The first `limit` records (all when None) of `source`, in order. Empty records are errors.
+
+    Every way a local file can fail to be read (not UTF-8 past the first 64 KiB, a Parquet
+    file pyarrow cannot read, an I/O error) is one LayerPruneError naming the file."""
     check_source(source)
+    try:
+        return _read_records(source, limit, text_field)
+    except UnicodeDecodeError as e:  # .txt (decoded whole: the offset is the file's)
+        raise LayerPruneError(_not_utf8(source, e.object[e.start], e.start)) from None
+    except OSError as e:
+        raise LayerPruneError(f"data: cannot read {source!r}: {e.strerror or e}") from None
+
+
+def _read_records(source: str, limit: int | None, text_field: str) -> list[str]:
     if source.startswith("bundled:"):
         from layerprune import assets
 
         source = str(assets.resolve(source))
     path = Path(source)
     if path.suffix == ".txt":
-        paragraphs = (p.strip() for p in path.read_text().split("\n\n"))
+        paragraphs = (p.strip() for p in path.read_text(encoding="utf-8").split("\n\n"))
         rows: list = [p for p in paragraphs if p]
         where = "paragraph"
     elif path.suffix == ".jsonl":
@@ -69,8 +131,14 @@ def read_records(source: str, limit: int | None = None, text_field: str = "text"
         where = "line"
     elif path.suffix == ".parquet":
         import pandas as pd
+        import pyarrow as pa
 
-        rows = _column(pd.read_parquet(path), text_field, source)
+        try:
+            table = pd.read_parquet(path)
+        except pa.ArrowException as e:
+            raise LayerPruneError(f"data: {source!r} is not a readable Parquet file: {e}") \
+                from None
+        rows = _column(table, text_field, source)
         where = "row"
     elif path.is_dir():
         from datasets import load_from_disk
@@ -100,9 +168,19 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _jsonl_texts(path: Path, limit: int | None, text_field: str):
-    with open(path) as f:
-        lines = (line for line in f if line.strip())
-        for i, line in enumerate(itertools.islice(lines, limit)):
+    def decoded(f):  # line by line, so that bad bytes are reported with their line
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LayerPruneError(
+                    f"data: line {number} of {str(path)!r} is not UTF-8 text (byte "
+                    f"0x{raw[e.start]:02x} at column {e.start + 1}); .jsonl files must be UTF-8")
+            if line.strip():
+                yield line
+
+    with open(path, "rb") as f:
+        for i, line in enumerate(itertools.islice(decoded(f), limit)):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -125,8 +203,16 @@ def _hub_texts(source: str, limit: int | None, text_field: str) -> list[str]:
     from datasets import load_dataset
 
     name, config, split = (source.split(":") + [None, None])[:3]
-    ds = load_dataset(name, config, split=split or HUB_DEFAULT_SPLIT, streaming=True)
-    return [row[text_field] for row in itertools.islice(ds, limit)]
+    try:
+        ds = load_dataset(name, config, split=split or HUB_DEFAULT_SPLIT, streaming=True)
+        rows = list(itertools.islice(ds, limit))
+    except (OSError, ValueError, ConnectionError) as e:  # not found, offline, no such split
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerPruneError(f"data: cannot read hub dataset {source!r}: {first}") from None
+    if rows and text_field not in rows[0]:
+        raise LayerPruneError(f"text_field: {text_field!r} not in the fields of {source!r}: "
+                              f"{list(rows[0])}")
+    return [row[text_field] for row in rows]
 
 
 def fingerprint(source: str) -> str:

@@ -7,7 +7,9 @@ next-token loss. The recipe follows the paper: the pruned weights are frozen in 
 lr 3e-4.
 
 `heal(model_dir, data, out_dir, config)` validates everything, then trains with the transformers
-`Trainer` (checkpoints in `out_dir/checkpoints/`, resumed after an interruption) and writes:
+`Trainer` (checkpoints in `out_dir/checkpoints/`; after a kill, training resumes from the newest
+*complete* one, see heal_checkpoints.py, and ends with the weights an uninterrupted run has) and
+writes:
 - `adapter/`: the LoRA adapter (peft, safetensors);
 - `merged/`: the adapter merged into a full-precision reload of the pruned model (never into
   the 4-bit weights, whose rounding would be baked in), with tokenizer and model card;
@@ -33,6 +35,8 @@ from layerprune.assets import resolve_ref
 from layerprune.data import check_source, read_records
 from layerprune.errors import LayerPruneError
 from layerprune.figures import train_loss_curves
+from layerprune.heal_checkpoints import (discard_incomplete, logging_steps, marker_callback,
+                                         newest_complete)
 from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
 from layerprune.models import check_model_ref, decoder_layers, load_tokenizer, read_config
 
@@ -76,9 +80,11 @@ class HealConfig(BaseModel):
     # models whose 4-bit weights plus activations exceed one card. Placement only: not keyed.
     device_map: Literal["auto", "balanced", "sequential"] | None = Field(
         None, description="spread the model over the visible GPUs; None: one device")
-    save_every: int | None = Field(50, ge=1, description="checkpoint every K steps; None: never")
-    seed: int = 0
-    text_field: str = "text"
+    save_every: int | None = Field(50, ge=1, le=1_000_000,
+                                   description="checkpoint every K steps; None: never")
+    # transformers' set_seed seeds numpy too, which takes 0..2^32-1 only
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    text_field: str = Field("text", min_length=1)
 
     @property
     def lora_alpha(self) -> float:
@@ -202,11 +208,11 @@ def _resolve_model_dir(model_dir: str) -> str:
     return path
 
 
-def _validate(model_dir: str, data: str, out_dir: Path, cfg: HealConfig, resume: bool):
+def _validate(model_dir: str, data: str, out_dir: Path, cfg: HealConfig, resume: bool,
+              ckpt_dir: Path):
     """Every check that can fail on bad input, before anything is written or trained."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
 
     path = _resolve_model_dir(model_dir)
     check_source(data)
@@ -224,8 +230,8 @@ def _validate(model_dir: str, data: str, out_dir: Path, cfg: HealConfig, resume:
     # What must match for a checkpoint to be resumed (checkpointing settings may change).
     request = {"model_dir": path, "data": data,
                "config": cfg.model_dump(exclude={"save_every", "gradient_checkpointing"})}
-    ckpt_dir = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    # Not transformers' get_last_checkpoint: it returns a checkpoint cut short by a kill.
+    last = newest_complete(ckpt_dir) if resume else None
     saved = ckpt_dir / "request.json"
     if last and (not saved.is_file() or json.loads(saved.read_text()) != request):
         raise LayerPruneError(f"out_dir: {str(out_dir)!r} holds checkpoints of a different heal "
@@ -253,19 +259,28 @@ def _callbacks(progress: Callable[[int, int], None] | None) -> list:
 
 
 def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | None = None,
-         resume: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
+         resume: bool = True, progress: Callable[[int, int], None] | None = None,
+         checkpoint_dir: str | None = None) -> dict:
     """Heal the pruned checkpoint `model_dir` on text `data` into `out_dir`; returns heal.json.
 
-    With `resume`, an interrupted run continues from its last checkpoint in out_dir/checkpoints.
+    With `resume`, an interrupted run continues from its newest complete checkpoint in
+    out_dir/checkpoints (incomplete ones, cut short by a kill, are deleted with a log line).
+    `checkpoint_dir`: keep the checkpoints there instead, and leave them when done: the caller
+    removes them once the outputs are safe (the flow: after publishing, so that a kill while
+    uploading resumes from the last checkpoint rather than from step 0).
     """
     from transformers import ProgressCallback, Trainer, TrainingArguments, default_data_collator
 
     start = time.perf_counter()
     cfg = check_config(config)
     out = Path(out_dir)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     path, tokenizer, blocks, targets, request, last = _validate(model_dir, data, out, cfg,
-                                                                resume)
-    ckpt_dir = out / "checkpoints"
+                                                                resume, ckpt_dir)
+    if resume:
+        # A kill mid-save leaves a checkpoint-N that the Trainer would resume from, or later
+        # write its new checkpoint-N on top of: delete every incomplete one (logged).
+        last = discard_incomplete(ckpt_dir)
     if not last and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # nothing to resume (or not wanted): start clean
     (out / "heal.json").unlink(missing_ok=True)  # no stale "finished" mark while we work
@@ -279,8 +294,9 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
         lr_scheduler_type=cfg.scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
         weight_decay=0.0, optim="adamw_torch",
-        # about 100 points on the loss curve; each logged loss is the mean since the last log
-        logging_steps=max(1, cfg.steps // 100),
+        # about 100 points on the loss curve; each logged loss is the mean since the last log,
+        # and each checkpoint falls on a log step so that a resumed curve is the same curve
+        logging_steps=logging_steps(cfg.steps, cfg.save_every),
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 1,
         save_total_limit=2,  # the newest checkpoint, and one more in case it was cut mid-write
         # (transformers v5 always saves weights as safetensors: no save_safetensors flag)
@@ -290,9 +306,9 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
     trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks),
                       data_collator=default_data_collator)
     trainer.remove_callback(ProgressCallback)
-    for callback in _callbacks(progress):
+    for callback in [marker_callback(), *_callbacks(progress)]:
         trainer.add_callback(callback)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history
              if "loss" in h]
 
@@ -308,7 +324,7 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
         "initial_train_loss": curve[0]["loss"] if curve else None,
         "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.tokens_per_step,
         "wall_seconds": None, "train_seconds": result.metrics.get("train_runtime"),
-        "resumed_from_step": int(Path(last).name.split("-")[-1]) if last else None,
+        "resumed_from_step": int(last.name.split("-")[-1]) if last else None,
         "packed_sequences": len(blocks),
         "epochs": cfg.steps * cfg.batch_size * cfg.grad_accum / len(blocks),
         "target_modules": targets, "lora_alpha": cfg.lora_alpha,
@@ -317,7 +333,8 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
     merge(path, out / "adapter", out / "merged", tokenizer, record)
     write_json_atomic(out / "loss_curve.json", curve)
     train_loss_curves({"train loss": curve}, out / "loss_curve.png")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: Trainer's pickles are not needed
+    if not checkpoint_dir:  # finished: the Trainer's pickles are not needed
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     record["wall_seconds"] = time.perf_counter() - start
     write_json_atomic(out / "heal.json", record)  # last: marks the run finished
     return record

@@ -7,12 +7,50 @@ end, so a crash leaves no directory that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from layerprune.errors import LayerPruneError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk or an exceeded quota.
+    Libraries that write in native code wrap the OS error in their own type and keep only its
+    text (safetensors: "No space left on device (os error 28)"), so the text counts too."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space_at(path: str | os.PathLike, below: int = 1 << 20) -> bool:
+    """Whether the filesystem that holds `path` (or its nearest existing parent) has less
+    than `below` bytes free. For writers that hide the errno (torch's zip writer says
+    "iostream error" or "unexpected pos"): a write that failed on a full filesystem."""
+    for existing in (Path(path), *Path(path).parents):
+        if existing.exists():
+            return shutil.disk_usage(existing).free < below
+    return False
+
+
+class NoSpaceLeft(LayerPruneError):
+    """A write failed because the disk (or quota) is full; `path` is what was being written."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -24,9 +62,11 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
             json.dump(obj, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(e):
+            raise NoSpaceLeft(f"no space left on device writing {str(path)!r}", path) from e
         raise
 
 
@@ -34,8 +74,6 @@ def check_output_dir(out: str | os.PathLike, name: str = "out") -> None:
     """Fail before any work when `out` cannot become a directory: it, or the nearest of its
     parents that exists, is a file (otherwise the model would load and compute, then the write
     would fail)."""
-    from layerprune.errors import LayerPruneError
-
     path = Path(out)
     for existing in (path, *path.parents):
         if existing.exists():
@@ -51,17 +89,21 @@ def read_json(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike):
+def atomic_output_dir(out: str | os.PathLike, name: str = "out"):
     """Yield a temporary directory that becomes `out` only if the block finishes.
 
     Files already in `out` that the block does not rewrite are kept (a rerun into the same
-    directory updates it); on error the temporary directory is removed and `out` is untouched.
+    directory updates it); on error the temporary directory is removed, and so are the parents
+    of `out` this call created, so `out` and its surroundings are as they were. A full disk
+    becomes one `NoSpaceLeft` error naming `name` (the parameter that chose `out`) and the file.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
         if out.exists():
             for item in tmp.iterdir():
@@ -72,9 +114,28 @@ def atomic_output_dir(out: str | os.PathLike):
             tmp.rmdir()
         else:
             os.replace(tmp, out)
-    finally:
-        if tmp.exists():
+    except BaseException as e:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # deepest first; one another process filled stays
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if is_disk_full(e):
+            raise NoSpaceLeft(f"{name}: no space left on device writing "
+                              f"{str(_written(e, tmp, out))!r}", out) from e
+        raise
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _written(exc: BaseException, tmp: Path | None, out: Path) -> Path:
+    """The file under `out` that a failed write was writing, when the error says; else `out`."""
+    target = getattr(exc, "path", None) or getattr(exc, "filename", None)
+    if target and tmp is not None:
+        with contextlib.suppress(ValueError):
+            return out / Path(target).relative_to(tmp)
+    return out
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}

@@ -65,7 +65,17 @@ def loss_metrics(model, tokenizer, source: str, seq_len: int, samples: int | Non
     vocab = model.get_output_embeddings().out_features
     return {"value": res["loss"], "stderr": None, "n": len(ids), "metric": "loss",
             "baseline": math.log(vocab), "tokens": res["tokens"], "bytes": n_bytes,
-            "bits_per_byte": nats / math.log(2) / n_bytes, "data": source, "seq_len": seq_len}
+            "bits_per_byte": nats / math.log(2) / n_bytes, "data": source, "seq_len": seq_len,
+            "truncated": truncated_records(texts, ids, tokenizer, seq_len)}
+
+
+def truncated_records(texts: list[str], ids: list[list[int]], tokenizer, seq_len: int) -> int:
+    """How many records were longer than `seq_len` tokens and were scored on their first
+    `seq_len` only (`ids` holds each record's kept tokens). Stated in every loss result: a
+    record longer than the model's context is cut, never refused, since `seq_len` itself may
+    not exceed the context (`models.check_context`)."""
+    return sum(1 for text, row in zip(texts, ids)
+               if len(row) == seq_len and len(tokenizer(text)["input_ids"]) > seq_len)
 
 
 def predicted_bytes(text: str, ids: list[int], tokenizer) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerprune.assets import check_bundled, resolve_ref
+from layerprune.checkpoint_files import TOKENIZER_FILES, check_weight_files, gguf_keys
 from layerprune.errors import LayerPruneError
 from layerprune.io import files_hash
 from layerprune.placement import placement_kwargs, resolve_device
@@ -56,6 +57,7 @@ def check_model_ref(ref: str) -> None:
     if is_gguf(ref):
         if not path.is_file():
             raise LayerPruneError(f"model: GGUF file {ref!r} does not exist")
+        gguf_keys(path)  # a truncated or foreign file fails here, not mid-load
         return
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -68,6 +70,19 @@ def check_model_ref(ref: str) -> None:
         raise LayerPruneError(
             f"model: {ref!r} is neither a local path nor a hub id of the form 'org/name'"
         )
+
+
+def check_weights(ref: str, require: bool = True) -> None:
+    """Fail before loading when a local model's weights are missing (`require`) or visibly
+    truncated (headers only: milliseconds however large the model). Separate from
+    `check_model_ref`: reading a config or planning memory needs no weights, loading does (and
+    a plan reads the headers of whatever weights are there: `require=False` checks those). A
+    GGUF file is checked whole by `check_model_ref`, since even its config is read from it."""
+    if ref.startswith("bundled:") or is_gguf(ref):
+        return
+    path = Path(ref)
+    if path.is_dir():
+        check_weight_files(path, ref, require)
 
 
 def hub_commit(ref: str, revision: str | None = None) -> str:
@@ -133,7 +148,12 @@ def read_config(ref: str, trust_remote_code: bool = False, revision: str | None 
 
     check_model_ref(ref)
     path, kwargs = _source_kwargs(ref, revision, trust_remote_code)
-    return AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # bad JSON, an unknown model_type,
+        # GGUF metadata transformers cannot map: the first line names it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerPruneError(f"model: cannot read the config of {ref!r}: {first}") from None
 
 
 def check_architecture(ref: str, trust_remote_code: bool = False,
@@ -155,7 +175,59 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False, revision: str | No
     from transformers import AutoTokenizer
 
     path, kwargs = _source_kwargs(ref, revision, trust_remote_code)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as e:  # what transformers raises for a missing or
+        # unusable tokenizer; the first line says which (the rest is a long how-to)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerPruneError(f"model: cannot load the tokenizer of {ref!r}: {first}") from None
+
+
+def check_tokenizer(ref: str, trust_remote_code: bool = False,
+                    revision: str | None = None) -> None:
+    """Fail before any weights load when a local model has no tokenizer: every subcommand
+    tokenizes text or writes a checkpoint that must load with its tokenizer. A directory passes
+    when it holds a vocabulary file (cheap); otherwise only if the tokenizer really loads
+    (byte-level tokenizers need no file). A GGUF file carries its tokenizer in its metadata."""
+    if ref.startswith("bundled:"):
+        return
+    path = Path(ref)
+    if is_gguf(ref) and path.is_file():
+        if "tokenizer.ggml.model" not in gguf_keys(path):
+            raise LayerPruneError(f"model: GGUF file {ref!r} has no tokenizer in its metadata "
+                                  "(no tokenizer.ggml.model key)")
+        return
+    if path.is_dir() and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        try:
+            load_tokenizer(ref, trust_remote_code, revision)
+        except LayerPruneError:
+            raise LayerPruneError(
+                f"model: {ref!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "save it beside the weights with tokenizer.save_pretrained(DIR)") from None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings or its
+    family's name for it), or None when its config does not say."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
+        else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(ref: str, seq_len: int, name: str = "seq_len",
+                  trust_remote_code: bool = False, revision: str | None = None) -> None:
+    """Refuse `seq_len` beyond the model's context. Records longer than `seq_len` are cut to
+    their first `seq_len` tokens (the documented contract); a `seq_len` past the context would
+    feed positions the model never saw: an index error for learned position embeddings, silently
+    wrong scores for rotary ones."""
+    limit = context_length(read_config(ref, trust_remote_code, revision))
+    if limit is not None and seq_len > limit:
+        raise LayerPruneError(f"{name} must be <= {limit} (the context of model {ref!r}, "
+                              f"max_position_embeddings), got {seq_len}")
 
 
 def load_model(ref: str, dtype: str = "auto", device: str = "auto",
@@ -167,6 +239,8 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto",
     from transformers import AutoModelForCausalLM
 
     check_model_ref(ref)
+    check_weights(ref)
+    check_tokenizer(ref, trust_remote_code, revision)  # before the weights, not after them
     if quantization != "none" and is_gguf(resolve_ref(ref)):
         raise LayerPruneError("quantization: a .gguf model is dequantized as it loads and cannot "
                               "be re-quantized on load; save it as a checkpoint first, or use "

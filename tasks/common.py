@@ -1,33 +1,105 @@
 """What every stage task shares: content-addressed caching, artifact publishing, progress, models.
 
 A stage task computes its artifact key from its inputs (`stage_key`). Prefect's cache key is
-that same key (plus the store root, since the cached result points into one store), so Prefect
-shows a rerun as Cached; and the task body itself returns the stored manifest when the stage is
-complete in the store, so a rerun after a crash, or on another worker or Prefect server, redoes
-only what is missing. Tasks return manifests (small JSON), never tensors.
+that same key (plus the store root), so Prefect shows a rerun as Cached; the task's result (the
+stage manifest, JSON) is persisted in the run's artifact store (`result_storage_for`), so a
+cache hit works from any worker. The store stays the source of truth:
+
+- before a stage task is called, its artifact is checked in the store (sizes always, checksums of
+  small files, of all files with `verify`); a missing or damaged artifact makes Prefect ignore
+  its cache record (`refresh_cache`), so the stage is recomputed with a warning, never a failed
+  run. `refresh` names stages to recompute regardless (`stage_policy`);
+- the task body returns the stored manifest when the stage is complete, so a rerun after a
+  crash, or on another worker or Prefect server, redoes only what is missing;
+- publishing is safe under concurrency (layerprune.store) and every attempt works in leased
+  scratch (layerprune.leases) that the run completing the key clears, with what killed attempts
+  left. Tasks return manifests (small JSON), never tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import inspect
-import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layerprune.config import ModelSpec
+from layerprune.leases import LeaseNotTaken
 from layerprune.models import LoadedModel, load_model
 from layerprune.placement import dtype_name
-from layerprune.store import ArtifactStore, stage_key
+from layerprune.store import ArtifactDamaged, ArtifactStore, stage_key
+from tasks.results import result_storage_for
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    refresh: frozenset[str] = frozenset()  # stages to recompute even when stored
+    verify: bool = False  # checksum every file of a reused artifact, not only small ones
+
+
+_policy: contextvars.ContextVar[StagePolicy] = contextvars.ContextVar(
+    "stage_policy", default=StagePolicy())
+
+
+@contextlib.contextmanager
+def stage_policy(refresh: Iterable[str] = (), verify: bool = False) -> Iterator[None]:
+    """Within the block (a flow run; task runs inherit it), recompute the stages in `refresh`
+    and fully verify reused artifacts if `verify`."""
+    token = _policy.set(StagePolicy(frozenset(refresh), verify))
+    try:
+        yield
+    finally:
+        _policy.reset(token)
 
 
 def _store_tag(store_root: str) -> str:
     return hashlib.sha256(store_root.encode()).hexdigest()[:12]
+
+
+class StageTask:
+    """A stage function as a Prefect task, called with its store's result storage and with its
+    cache record ignored when the store's copy is missing or damaged (see the module doc)."""
+
+    def __init__(self, fn: Callable, stage: str, version: int, key_params: Callable[..., dict],
+                 options: dict):
+        self.stage, self.version, self.key_params = stage, version, key_params
+        self._names = list(inspect.signature(key_params).parameters)
+        self._signature = inspect.signature(fn)
+
+        def cache_key(context, parameters: dict) -> str:
+            return f"{self.key(parameters)}@{_store_tag(parameters['store_root'])}"
+
+        options.setdefault("retries", 1)
+        options.setdefault("retry_delay_seconds", 5)
+        self.task = task(fn, name=stage, cache_key_fn=cache_key, persist_result=True,
+                         result_serializer="json", **options)
+        self.fn = fn  # the undecorated body, e.g. for tests
+        functools.update_wrapper(self, fn)
+
+    def key(self, parameters: dict) -> str:
+        params = self.key_params(**{n: parameters[n] for n in self._names})
+        return stage_key(self.stage, self.version, params)
+
+    def __call__(self, *args, **kwargs):
+        # Prefect's own call options (return_state, wait_for) are not the stage's parameters.
+        call_options = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        root = bound.arguments["store_root"]
+        key = self.key(bound.arguments)
+        refresh = self.stage in _policy.get().refresh or \
+            reusable_manifest(ArtifactStore(root), self.stage, key) is None
+        return self.task.with_options(result_storage=result_storage_for(root),
+                                      refresh_cache=refresh)(*args, **kwargs, **call_options)
 
 
 def stage_task(stage: str, version: int, key_params: Callable[..., dict], **options):
@@ -38,51 +110,90 @@ def stage_task(stage: str, version: int, key_params: Callable[..., dict], **opti
     result (never batch sizes, devices or the run id). Results are persisted as JSON, not pickle,
     so a cache hit works from any process.
     """
-    names = list(inspect.signature(key_params).parameters)
+    return lambda fn: StageTask(fn, stage, version, key_params, dict(options))
 
-    def cache_key(context, parameters: dict) -> str:
-        params = key_params(**{n: parameters[n] for n in names})
-        return f"{stage_key(stage, version, params)}@{_store_tag(parameters['store_root'])}"
 
-    options.setdefault("retries", 1)
-    options.setdefault("retry_delay_seconds", 5)
-    return task(name=stage, cache_key_fn=cache_key, persist_result=True,
-                result_serializer="json", **options)
+def reusable_manifest(store: ArtifactStore, stage: str, key: str) -> dict | None:
+    """The stage's manifest if it is complete and its files are sound; a damaged one is
+    retracted (with a warning) so that the stage is computed again."""
+    for _ in range(3):  # a retracted key may meanwhile be committed by a concurrent run
+        try:
+            manifest = store.manifest(stage, key)
+        except ArtifactDamaged as e:
+            _warn(f"{stage}/{key}: {e}; computing it again")
+            store.discard_manifest(stage, key)
+            continue
+        if manifest is None:
+            return None
+        problems = store.verify(manifest, full=_policy.get().verify)
+        if not problems:
+            return manifest
+        _warn(f"{stage}/{key} in the store is damaged ({'; '.join(problems[:3])}); "
+              "computing it again")
+        store.retract(manifest)
+    return None
+
+
+def _warn(message: str) -> None:
+    try:
+        get_run_logger().warning(message)
+    except Exception:  # outside a run (no run context): the standard logger
+        import logging
+
+        logging.getLogger("layerprune").warning(message)
 
 
 def run_stage(store_root: str, stage: str, version: int, params: dict,
               build: Callable[[Path], dict], resumable: bool = False) -> dict:
     """Return the stage's manifest, building and publishing it first if the store lacks it.
 
-    `build(out_dir)` writes the stage's files into `out_dir` and returns small metadata.
-    `resumable`: `out_dir` is the same for every attempt at this key and is kept when `build`
-    fails, so a retry or rerun can pick up where the last attempt stopped.
+    `build(out_dir)` writes the stage's files into `out_dir` (its parent is free for side
+    files) and returns small metadata. `resumable`: `out_dir` is the same for every attempt at
+    this key and is kept when `build` fails, so a retry or rerun picks up where the last attempt
+    stopped; one live attempt owns it at a time, others wait for it and adopt its result.
     """
     logger = get_run_logger()
     store = ArtifactStore(store_root)
     key = stage_key(stage, version, params)
-    manifest = store.manifest(stage, key)
+    refresh = stage in _policy.get().refresh
+    manifest = None if refresh else reusable_manifest(store, stage, key)
     if manifest is not None:
         logger.info("%s/%s is complete in the store; reusing it", stage, key)
+        store.remove_abandoned_scratch(key)
         return manifest
-    work = store.scratch(f"{stage}-{key}" if resumable else None)
+
+    def wait(holder: str) -> bool:  # another live attempt owns the resumable work: wait
+        logger.info("%s/%s is being computed by process %s; waiting for it", stage, key, holder)
+        return store.manifest(stage, key) is not None
+
     try:
-        started = time.time()
-        meta = build(work)
-        record = {"params": params, "meta": meta, "seconds": round(time.time() - started, 3)}
-        manifest = store.publish(stage, key, work, record)
-    except BaseException:
-        if not resumable:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("%s/%s written in %.1fs to %s", stage, key, manifest["seconds"], manifest["uri"])
+        with store.attempt(stage, key, resumable, wait=wait) as work:
+            # The previous owner may have completed the key while this attempt waited.
+            manifest = None if refresh else reusable_manifest(store, stage, key)
+            if manifest is None:
+                started = time.time()
+                meta = build(work)
+                record = {"params": params, "meta": meta,
+                          "seconds": round(time.time() - started, 3)}
+                manifest = store.publish(stage, key, work, record, replace=refresh)
+                logger.info("%s/%s written in %.1fs to %s", stage, key, manifest["seconds"],
+                            manifest["uri"])
+    except LeaseNotTaken:
+        manifest = store.manifest(stage, key)
+    store.remove_abandoned_scratch(key)
     return manifest
 
 
 def stage_files(store_root: str, manifest: dict) -> Path:
     """Local directory with a completed stage's files (downloaded once if the store is remote)."""
-    return ArtifactStore(store_root).local_dir(manifest["stage"], manifest["key"])
+    store = ArtifactStore(store_root)
+    try:
+        return store.local_dir(manifest["stage"], manifest["key"])
+    except ArtifactDamaged as e:  # retracted, so that the next run computes it again
+        current = store.manifest(manifest["stage"], manifest["key"])
+        if current is not None:
+            store.retract(current)
+        raise ArtifactDamaged(f"{e}; retracted: rerun to compute it again") from e
 
 
 def progress_reporter(description: str, every_s: float = 2.0) -> Callable[[int, int], None]:

@@ -11,10 +11,20 @@ children; `GpuSlots.released()` can: a `prune-and-heal` run releases its slots w
 
 A run outside a deployment (the demo, the tests, `python -m flows.prune_and_heal`) takes no slot:
 it was not dispatched to the `gpu` pool, and Prefect's temporary local server has no limit.
+
+A run that dies (SIGKILL, a lost machine) cannot give its slots back: they are held under a lease
+that the live run renews every 3/4 of its duration, and the server's repossessor (every 15 s)
+frees the slots of a lease that expired. So a dead run's slots come back at most `gpu_lease_s()`
+(+ 15 s) after its last renewal, with no one's help. Prefect's default lease is 300 s; 120 s
+returns a dead worker's GPUs within about 2 minutes, for one renewal request every 90 s. Marking
+the dead run Crashed is the heartbeat automation's job (deployments/zombie-automation.yaml);
+Prefect releases a deployment's concurrency slot on that transition, but not global-limit
+leases, hence the short lease.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +34,20 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 GPU_LIMIT = "gpu"  # global concurrency limit: `prefect gcl create gpu --limit N` (make deploy)
+GPU_LEASE_S = 120.0  # default lease (module doc); LAYERPRUNE_GPU_LEASE_S overrides it
+
+
+def gpu_lease_s() -> float:
+    """Lease duration of the `gpu` slots: $LAYERPRUNE_GPU_LEASE_S, else GPU_LEASE_S."""
+    text = os.environ.get("LAYERPRUNE_GPU_LEASE_S", "")
+    try:
+        value = float(text) if text else GPU_LEASE_S
+    except ValueError:
+        value = -1.0
+    if not 60 <= value <= 86400:
+        raise ValueError(f"LAYERPRUNE_GPU_LEASE_S must be a number of seconds from 60 (the "
+                         f"Prefect server's minimum lease) to 86400, got {text!r}")
+    return value
 
 
 def gpu_job(gpu_count: int) -> dict:
@@ -67,6 +91,7 @@ class GpuSlots:
                                   self.count, GPU_LIMIT)
             # A context manager object is single-use: a fresh one per acquisition.
             held = concurrency(GPU_LIMIT, occupy=self.count, strict=True,
+                               lease_duration=gpu_lease_s(),
                                raise_on_lease_renewal_failure=False)
             held.__enter__()
             self._held = held

@@ -45,8 +45,11 @@ def heal_variant(store_root: str, model: ModelSpec, model_info: dict, recipe: di
             write_pruned(model.ref, drop, pruned, {"strategy": recipe["meta"]["strategy"]},
                          dtype=model.dtype, load=lambda: model_in_memory(model), lock=model_lock())
         release_model()  # the source model would sit beside the one being trained
+        # Checkpoints beside `out`, in the leased attempt directory: kept until the stage is
+        # published (a kill mid-upload resumes from them), removed with the directory after.
         record = heal.heal(str(pruned), spec.data, str(out), spec.config, resume=True,
-                           progress=progress_reporter("healing"))
+                           progress=progress_reporter("healing"),
+                           checkpoint_dir=str(out.parent / "checkpoints"))
         if pruned != exported:
             shutil.rmtree(pruned, ignore_errors=True)
         return {k: record[k] for k in ("final_train_loss", "initial_train_loss", "steps",

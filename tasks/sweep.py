@@ -1,7 +1,8 @@
 """Prefect tasks of the sweep: plan each model, run it as a deployment, gather one report.
 
 The per-model work runs as separate flow runs of the `prune-and-heal` deployment on the `gpu`
-work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them.
+work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them
+(tasks/children.py: one child per model and try, started again if it crashes).
 Each child run holds `gpu_count` slots of the global concurrency limit `gpu` itself
 (tasks/gpus.py), so at most that many GPUs are in use across every sweep and every other run;
 the waiting parent holds none, so it can never take a slot its child needs.
@@ -10,6 +11,7 @@ the waiting parent holds none, so it can never take a slot its child needs.
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import fsspec
@@ -17,15 +19,14 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-from prefect.states import Cancelling
 
 from layerprune.figures import metric_curves
 from layerprune.models import check_architecture
 from layerprune.remote import storage_options_from_env
+from tasks.children import run_child
 from tasks.common import run_stage, stage_files, stage_task
 from tasks.gpus import gpu_job
+from tasks.results import read_run_summary, summary_path
 
 STAGE, VERSION = "sweep", 1
 
@@ -39,22 +40,19 @@ def model_depth(ref: str) -> int:
 @task(name="run-model", task_run_name="run-{label}", cache_policy=NO_CACHE)
 def run_model(deployment: str, params: dict, timeout_s: int, label: str,
               gpu_count: int = 1) -> dict:
-    """Run one model through `deployment` on `gpu_count` GPUs; its summary (the child's result).
+    """Run one model through `deployment` on `gpu_count` GPUs; its summary.
 
-    `timeout_s` includes the child's wait for its `gpu` slots."""
+    One child flow run per model and try (tasks.children: idempotent, retried if it crashes);
+    `timeout_s` includes the child's wait for its `gpu` slots. The summary is the one the child
+    stored in the artifact store (tasks.results.read_run_summary), not a Prefect result."""
     logger = get_run_logger()
-    run = run_deployment(deployment, parameters={"params": params}, timeout=timeout_s,
-                         poll_interval=2, **gpu_job(gpu_count))
-    state = run.state
-    if state is None or not state.is_final():  # a hung child must not keep its slots
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run.id, Cancelling(), force=True)
-        raise TimeoutError(f"{label}: flow run {run.name} ({run.id}) did not finish "
-                           f"within child_timeout_s={timeout_s}; cancelled")
-    if not state.is_completed():
-        raise RuntimeError(f"{label}: flow run {run.name} ({run.id}) ended {state.name}: "
-                           f"{state.message}")
-    summary = state.result()  # persisted JSON in the artifact store (tasks/results.py)
+    model = hashlib.sha256(params["model"]["ref"].encode()).hexdigest()[:16]
+    run = run_child(deployment, {"params": params}, label, work=f"model-{model}",
+                    timeout_s=timeout_s, **gpu_job(gpu_count))
+    summary = read_run_summary(params["artifacts"], str(run.id))
+    if summary is None:
+        raise RuntimeError(f"{label}: flow run {run.name} ({run.id}) completed but stored no "
+                           f"summary at {summary_path(params['artifacts'], str(run.id))}")
     logger.info("%s: flow run %s completed; report %s", label, run.name, summary["report_uri"])
     return {"model": label, "flow_run": str(run.id), **summary}
 

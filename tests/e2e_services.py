@@ -53,6 +53,14 @@ class Service:
                 continue
         self._log_file.close()
 
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, as a dead machine would stop it: nothing is told."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -97,9 +105,23 @@ def start_prefect_server(env: dict, log_dir: Path) -> tuple[Service, str]:
     return svc, api
 
 
-def start_worker(pool: str, env: dict, log_dir: Path) -> Service:
-    return Service(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
-                                      "--type", "process"], env, log_dir)
+def start_worker(pool: str, env: dict, log_dir: Path, name: str | None = None) -> Service:
+    return Service(name or f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool",
+                                              pool, "--type", "process"], env, log_dir)
+
+
+def flow_run_pids(flow_run_id) -> list[int]:
+    """Processes started for a flow run (a worker gives them PREFECT__FLOW_RUN_ID)."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:  # gone, or not ours
+                pass
+    return pids
 
 
 def run_cli(args: list[str], env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:

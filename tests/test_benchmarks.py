@@ -1,7 +1,9 @@
-"""Benchmarks: lm-eval offline on local data, scores checked against the data, loss by hand."""
+"""Benchmarks: lm-eval offline on local data; every score checked against one computed here by
+hand (log-likelihoods of each answer from a plain forward pass, argmax, mean), never a range."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -29,25 +31,96 @@ def tiny(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
-def boolq_answers(n: int) -> list[bool]:
+def boolq_rows(n: int):
     from datasets import load_from_disk
 
     rows = load_from_disk(str(assets.resolve("bundled:hf_datasets") / "boolq/none/validation"))
-    return rows.select(range(n))["answer"]
+    return rows.select(range(n))
 
 
-def test_boolq_runs_offline_on_local_data(tiny, tokenizer, caplog):
+def boolq_answers(n: int) -> list[bool]:
+    return boolq_rows(n)["answer"]
+
+
+def logliks(model, tokenizer, context: str, answers: list[str]) -> list[float]:
+    """log p(answer | context) for one-token answers, from one forward pass of the context: the
+    tokens of context+answer are the context's plus one, scored at the context's last position."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    ends = []
+    for answer in answers:
+        whole = tokenizer(context + answer, add_special_tokens=False)["input_ids"]
+        assert whole[:-1] == ctx, f"{answer!r} is not one token after the context"
+        ends.append(whole[-1])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx])).logits[0, -1].float(), -1)
+    return [logp[t].item() for t in ends]
+
+
+def boolq_margins(model, tokenizer, n: int) -> list[float]:
+    """log p(" yes") - log p(" no") after the stock BoolQ prompt, for the first n items."""
+    margins = []
+    for row in boolq_rows(n):
+        context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        yes, no = logliks(model, tokenizer, context, [" yes", " no"])
+        margins.append(yes - no)
+    return margins
+
+
+def accuracy_by_hand(correct: list[bool]) -> tuple[float, float]:
+    """(mean, standard error of the mean with the n-1 sample variance, as lm-eval reports)."""
+    n, p = len(correct), sum(correct) / len(correct)
+    return p, math.sqrt(sum((c - p) ** 2 for c in correct) / (n - 1) / n)
+
+
+def boolq_by_hand(margins: list[float], yes_bias: float = 0.0) -> tuple[float, float]:
+    """Accuracy and its stderr on the first len(margins) items, answering " yes" where the
+    margin (plus a bias on the " yes" logit) is positive."""
+    answers = boolq_answers(len(margins))
+    return accuracy_by_hand([(m + yes_bias > 0) == a for m, a in zip(margins, answers)])
+
+
+def yes_bias_between(margins: list[float]) -> float:
+    """A bias for the " yes" logit that makes half of these items answer " yes": a bias on one
+    logit shifts that answer's log-prob margin by exactly itself."""
+    middle = sorted(margins)[(len(margins) - 1) // 2:][:2]
+    assert middle[0] < middle[1] - 1e-3, "a clear gap for the bias to sit in"
+    return -sum(middle) / 2
+
+
+@contextlib.contextmanager
+def yes_biased(model, tokenizer, bias: float):
+    """`model` with `bias` added to the " yes" logit at every position."""
+    (yes,) = tokenizer(" yes")["input_ids"]  # lm-eval scores " yes" / " no" after "Answer:"
+    logit_bias = torch.zeros(len(tokenizer))
+    logit_bias[yes] = bias
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits + logit_bias.to(logits))
+    try:
+        yield model
+    finally:
+        hook.remove()
+
+
+def test_boolq_equals_a_hand_computation(tiny, tokenizer, caplog):
+    """The random model alone says " no" to every item, so a bias on the " yes" logit, set
+    between the items' margins, makes it answer both ways; the accuracy lm-eval reports must
+    then be the one computed here item by item (a swapped label, a wrong answer position or a
+    wrong mean all differ)."""
     import lm_eval.api.task
     import tqdm
 
-    with caplog.at_level("WARNING"):
+    margins = boolq_margins(tiny, tokenizer, 8)
+    bias = yes_bias_between(margins)
+    with yes_biased(tiny, tokenizer, bias), caplog.at_level("WARNING"):
         out = benchmarks.evaluate(tiny, tokenizer, ["boolq"], limit=8)["boolq"]
     # lm-eval's by-design warnings are dropped, and its progress bars are restored afterwards
     assert not [r for r in caplog.records if "num_fewshot" in r.getMessage()
                 or "already-initialized" in r.getMessage()]
     assert lm_eval.api.task.tqdm is tqdm.tqdm
     assert out["n"] == 8 and out["metric"] == "acc" and out["shots"] == 0
-    assert 0 <= out["value"] <= 1
+    value, stderr = boolq_by_hand(margins, yes_bias=bias)
+    assert 0 < value < 1
+    assert out["value"] == pytest.approx(value) and out["stderr"] == pytest.approx(stderr)
     answers = boolq_answers(8)
     assert out["baseline"] == max(sum(answers), 8 - sum(answers)) / 8
 
@@ -62,7 +135,8 @@ def test_a_model_that_always_says_yes_scores_the_share_of_true(tiny, tokenizer):
     finally:
         hook.remove()
     answers = boolq_answers(12)
-    assert 0 < sum(answers) < 12  # both answers occur, so the check means something
+    # both answers occur, and not equally often: a swapped label would score 1 - share
+    assert 0 < sum(answers) < 12 and 2 * sum(answers) != 12
     assert out["n"] == 12
     assert out["value"] == pytest.approx(sum(answers) / 12)
 
@@ -154,18 +228,44 @@ def test_write_metrics(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
 
+MMLU_BY_HAND = 6  # subjects whose one question is scored here by hand (of 57)
+
+
 @pytest.mark.real
 def test_real_smollm2_mmlu_and_boolq(real_assets):
     from layerprune.models import load_model
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
+    model, tokenizer = loaded.model, loaded.tokenizer
     # Zero-shot MMLU keeps this test short (5-shot prompts are ~6x longer; the 5-shot prompt
     # itself is checked above); limit applies per MMLU subject: 57 subjects x 1 question.
-    out = benchmarks.evaluate(loaded.model, loaded.tokenizer, ["mmlu", "boolq"], limit=1,
-                              shots=0)
-    assert out["mmlu"]["n"] == len(lm_eval_tasks.mmlu_subjects()) == 57
+    out = benchmarks.evaluate(model, tokenizer, ["mmlu", "boolq"], limit=1, shots=0)
+    subjects = lm_eval_tasks.mmlu_subjects()
+    assert out["mmlu"]["n"] == len(subjects) == 57
     assert out["mmlu"]["baseline"] == pytest.approx(0.25)
-    assert len(out["mmlu"]["subtasks"]) == 57
-    assert 0 <= out["mmlu"]["value"] <= 1 and out["boolq"]["n"] == 1
-    boolq = benchmarks.evaluate(loaded.model, loaded.tokenizer, ["boolq"], limit=8)["boolq"]
-    assert boolq["n"] == 8 and 0 <= boolq["value"] <= 1 and boolq["stderr"] is not None
+    assert sorted(out["mmlu"]["subtasks"]) == sorted(subjects)
+    # one question per subject: the group accuracy is the plain mean over subjects
+    assert out["mmlu"]["value"] == pytest.approx(
+        sum(out["mmlu"]["subtasks"].values()) / 57)
+
+    from datasets import load_from_disk
+
+    mmlu = assets.resolve("bundled:hf_datasets") / lm_eval_tasks.MMLU_DATA
+    by_hand = {}
+    for subject in sorted(subjects)[:MMLU_BY_HAND]:
+        doc = load_from_disk(str(mmlu / subject / "test"))[0]
+        a, b, c, d = doc["choices"]
+        context = (f"The following are multiple choice questions (with answers) about "
+                   f"{subject.replace('_', ' ')}.\n\n{doc['question'].strip()}\nA. {a}\nB. {b}"
+                   f"\nC. {c}\nD. {d}\nAnswer:")
+        scores = logliks(model, tokenizer, context, [f" {x}" for x in "ABCD"])
+        by_hand[subject] = float(scores.index(max(scores)) == doc["answer"])
+    assert {s: out["mmlu"]["subtasks"][s] for s in by_hand} == by_hand
+    assert 0 < sum(by_hand.values()) < MMLU_BY_HAND, "both outcomes, so the check can fail"
+
+    boolq = benchmarks.evaluate(model, tokenizer, ["boolq"], limit=8)["boolq"]
+    margins = boolq_margins(model, tokenizer, 8)
+    assert min(margins) < 0 < max(margins), "the real model answers both ways"
+    value, stderr = boolq_by_hand(margins)
+    assert boolq["n"] == 8 and out["boolq"]["n"] == 1
+    assert boolq["value"] == pytest.approx(value) and boolq["stderr"] == pytest.approx(stderr)

@@ -1,18 +1,30 @@
-"""The prune-and-heal flow on a real (temporary, local) Prefect API: stages, artifacts, caching."""
+"""The prune-and-heal flow on a real (temporary, local) Prefect API: stages, artifacts, caching;
+where results and summaries are stored, and how child runs are started (tasks/children.py)."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                            FlowRunFilterId)
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect.serializers import JSONSerializer
+from prefect.states import Completed, Crashed, Failed
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.prune_and_heal import prune_and_heal
 from layerprune.config import PruneAndHealParams
+from tasks import children
+from tasks.children import ChildRunFailed, run_child
+from tasks.results import (AtomicLocalFileSystem, block_name, read_run_summary,
+                           result_storage_for)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +70,14 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     params = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1])
     first = prune_and_heal(params, return_state=True)
     summary = first.result()
+    # The summary a parent reads (tasks/results.py), stored under the flow run's id; the flow's
+    # own return value is not persisted: every record in prefect-results is a stage's cache
+    # record (named `<stage key>@<store>`), and none is a temp file left by an atomic write.
+    flow_run_id = first.state_details.flow_run_id
+    assert read_run_summary(str(tmp_path / "store"), str(flow_run_id)) == \
+        json.loads(json.dumps(summary))
+    records = list((tmp_path / "store" / "prefect-results").iterdir())
+    assert len(records) >= 7 and all("@" in r.name and r.is_file() for r in records), records
     assert [r["n"] for r in summary["rows"]] == [1, 1, 1]
     manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
     stages = {m.parent.parent.name for m in manifests}
@@ -67,15 +87,21 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     assert len(healed) == 1 and healed[0]["loss"] > 0 and "boolq" in healed[0]
     row = summary["rows"][0]
     assert 0 <= row["boolq"] <= 1 and row["loss"] > 0 and row["bits_per_byte"] > 0
-    for m in manifests:  # every listed file is there with the recorded size
+    for m in manifests:  # every listed file is in the committed attempt with its size
         doc = json.loads(m.read_text())
+        assert doc["files"] and sorted(p.name for p in m.parent.iterdir()) == \
+            sorted(["manifest.json", doc["attempt"]])  # nothing else under the key
         for rel, meta in doc["files"].items():
-            assert (m.parent / rel).stat().st_size == meta["bytes"]
-    exported = [m.parent / "checkpoint" for m in manifests if m.parent.parent.name == "prune"]
-    assert all((c / "model.safetensors").exists() for c in exported)
+            assert (m.parent / doc["attempt"] / rel).stat().st_size == meta["bytes"]
+    exported = [m.parent / json.loads(m.read_text())["attempt"] / "checkpoint"
+                for m in manifests if m.parent.parent.name == "prune"]
+    assert exported and all((c / "model.safetensors").exists() for c in exported)
     assert (Path(summary["report_uri"]) / "results.parquet").exists()
     assert (Path(summary["report_uri"]) / "healing_curves.png").stat().st_size > 0
-    assert not list((tmp_path / "store").glob("*/.*.tmp*"))
+    # No scratch left (healing's resumable directory included), no stray temp file.
+    assert list((tmp_path / "store" / ".scratch").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
+        [".scratch", "prefect-results", "runs", *stages])
 
     mtimes = {m: m.stat().st_mtime_ns for m in manifests}
     states = _task_states(prune_and_heal(params, return_state=True))
@@ -103,3 +129,106 @@ def test_bad_parameters_are_refused_before_any_work(tiny_models, tmp_path):
         PruneAndHealParams.model_validate({"calibration": {"samples": 0}})
     with pytest.raises(ValueError, match="strategies"):
         PruneAndHealParams.model_validate({"prune": {"strategies": ["random"]}})
+
+
+def _race(storage, seconds: float = 1.5) -> tuple[int, int]:
+    """(reads, failed reads) of one cache record while another thread keeps rewriting it, both
+    through Prefect's own ResultStore (what a cache hit and a concurrent run do)."""
+    store = ResultStore(result_storage=storage, serializer=JSONSerializer(),
+                        cache_result_in_memory=False)
+    payload = {"files": {f"f{i}": "x" * 64 for i in range(4000)}}  # a big manifest, ~340 kB
+    store.persist_result_record(store.create_result_record(payload, key="rec"))
+    stop = time.time() + seconds
+
+    def rewrite():
+        while time.time() < stop:
+            store.persist_result_record(store.create_result_record(payload, key="rec"))
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    reads = failed = 0
+    while time.time() < stop:
+        reads += 1
+        try:
+            assert store.read("rec").result == payload
+        except Exception:
+            failed += 1
+    writer.join()
+    return reads, failed
+
+
+def test_local_cache_records_are_replaced_atomically(prefect_api, tmp_path):
+    """Prefect reads a cache record twice on a hit: exists() takes an unreadable record for a
+    miss, read() raises. A record rewritten in place (Prefect's LocalFileSystem: truncate, then
+    write) is seen half-written by a concurrent reader; ours (temp file + rename) never is."""
+    storage = result_storage_for(str(tmp_path / "store"))
+    assert isinstance(storage, AtomicLocalFileSystem)
+    assert Path(storage.basepath) == tmp_path / "store" / "prefect-results"
+    saved = AtomicLocalFileSystem.load(block_name(str(tmp_path / "store")))  # as Prefect needs
+    assert saved.basepath == storage.basepath
+    reads, failed = _race(storage)
+    assert reads > 10 and failed == 0, (reads, failed)
+    assert [p.name for p in Path(storage.basepath).iterdir()] == ["rec"]  # no temp file left
+
+    plain = LocalFileSystem(basepath=str(tmp_path / "plain"))
+    plain.save("plain-local-results", overwrite=True)
+    reads, failed = _race(plain)
+    assert failed > 0, f"Prefect's LocalFileSystem was never caught mid-write in {reads} reads"
+
+    # What a torn record does in Prefect 3.9: exists() says miss, read() fails the attempt.
+    store = ResultStore(result_storage=plain, serializer=JSONSerializer())
+    (tmp_path / "plain" / "torn").write_text('{"metadata": {"storage_key"')
+    assert not store.exists("torn")
+    with pytest.raises(Exception):
+        store.read("torn")
+
+
+def test_child_runs_are_idempotent_and_only_crashed_ones_are_retried(prefect_api, monkeypatch):
+    """run_child against a real server; the children's outcomes are set through the API (no
+    worker runs them). Each child is identified by its idempotency key."""
+    monkeypatch.setattr(children, "POLL_S", 0.1)
+    outcomes = {"m/try-0": Crashed, "m/try-1": Completed, "f/try-0": Failed,
+                "f/try-1": Completed, "c/try-0": Crashed, "c/try-1": Crashed}
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name("child"), name="idempotent")
+    only_ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    stop = threading.Event()
+
+    def respond():  # plays the children: each ends as `outcomes` says for its key
+        handled = set()
+        with get_client(sync_client=True) as client:
+            while not stop.is_set():
+                for run in client.read_flow_runs(deployment_filter=only_ours):
+                    if run.id not in handled:
+                        end = outcomes[run.idempotency_key.split("/", 1)[1]]
+                        client.set_flow_run_state(run.id, end(), force=True)
+                        handled.add(run.id)
+                time.sleep(0.05)
+
+    @flow
+    def parent() -> dict:
+        got = {"m": run_child("child/idempotent", {}, "m", work="m")}  # try-0 crashes
+        got["m again"] = run_child("child/idempotent", {}, "m", work="m")  # as a retried parent
+        with pytest.raises(ChildRunFailed, match="ended Failed"):
+            run_child("child/idempotent", {}, "f", work="f")  # a failure is not retried...
+        got["f"] = run_child("child/idempotent", {}, "f", work="f")  # ...unless the parent is
+        with pytest.raises(ChildRunFailed, match="ended Crashed"):
+            run_child("child/idempotent", {}, "c", work="c", crash_retries=1)  # bounded
+        return got
+
+    responder = threading.Thread(target=respond, daemon=True)
+    responder.start()
+    try:
+        state = parent(return_state=True)
+        got = state.result()
+    finally:
+        stop.set()
+        responder.join()
+    parent_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=only_ours)
+    keys = sorted(r.idempotency_key for r in runs)
+    assert keys == sorted(f"{parent_id}/{k}" for k in outcomes)  # each try exactly once
+    assert got["m"].id == got["m again"].id and got["m"].idempotency_key.endswith("m/try-1")
+    assert got["f"].idempotency_key.endswith("f/try-1")

@@ -10,7 +10,7 @@ from layerprune.batching import MAX_PADDED_RATIO, length_buckets, pad_token_id, 
 from layerprune.errors import LayerPruneError
 from layerprune.calibration import tokenize
 from layerprune.hidden_states import last_token_states
-from layerprune.models import load_model
+from layerprune.models import base_model, load_model
 from tests.conftest import TEXTS
 
 
@@ -45,16 +45,34 @@ def test_batched_and_padded_equals_one_at_a_time(loaded, side, batch_size):
 
 
 def test_states_are_layer_inputs_and_prenorm_output(loaded):
-    """x^(l) = hidden_states[l] for l < L (the layer inputs); x^(L) is NOT the post-norm
-    hidden_states[L] but the last layer's raw output."""
-    ids = tokenize(TEXTS[:1], loaded.tokenizer, seq_len=16)
+    """Against direct computations, on every tiny family: x^(l) for l < L is the input of layer
+    l (HF's hidden_states[l]); x^(L) is the decoder stack's output with the final norm skipped
+    (the base model run again with its final norm replaced by the identity), and that norm
+    applied to it gives HF's post-norm hidden_states[L]. An extractor returning zeros, the
+    post-norm state, or the wrong layer's vector fails."""
+    ids = tokenize(TEXTS[1:2], loaded.tokenizer, seq_len=16)
     ours = _states(loaded, ids, 1, "right")[:, 0]
-    with torch.no_grad():
-        out = loaded.model(torch.tensor(ids), output_hidden_states=True)
-    hf = torch.stack([h[0, -1] for h in out.hidden_states])
     n_layers = ours.shape[0] - 1
+    body = base_model(loaded.model)
+    norm_name = "ln_f" if hasattr(body, "ln_f") else "norm"  # GPT-2; Llama, Qwen2, Gemma 3
+    norm = getattr(body, norm_name)
+    with torch.no_grad():
+        hf = torch.stack([h[0, -1] for h in body(torch.tensor(ids),
+                                                 output_hidden_states=True).hidden_states])
+        setattr(body, norm_name, torch.nn.Identity())
+        try:
+            prenorm = body(torch.tensor(ids)).last_hidden_state[0, -1]
+        finally:
+            setattr(body, norm_name, norm)
+        renormed = norm(ours[n_layers])
+    assert hf.shape[0] == n_layers + 1 == loaded.model.config.num_hidden_layers + 1
     torch.testing.assert_close(ours[:n_layers], hf[:n_layers], atol=1e-5, rtol=0)
-    assert not torch.allclose(ours[n_layers], hf[n_layers], atol=1e-3)
+    torch.testing.assert_close(ours[n_layers], prenorm, atol=1e-5, rtol=0)
+    torch.testing.assert_close(renormed, hf[n_layers], atol=1e-5, rtol=1e-5)
+    # the comparisons discriminate: the pre-norm output is far from zero, from the post-norm
+    # state and from the last layer's input
+    for wrong in (torch.zeros_like(prenorm), hf[n_layers], hf[n_layers - 1]):
+        assert (prenorm - wrong).norm() > 0.1 * prenorm.norm()
 
 
 def test_auto_batch_size_is_the_fastest_for_the_device():

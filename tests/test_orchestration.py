@@ -4,9 +4,10 @@ deployments/prefect.yaml registered by deployments/deploy.sh (what `make deploy`
 
 Covers: a deployment run writing every artifact and Prefect's JSON results to S3, a second run
 that is all cache hits, a CLI run holding the `gpu` limit and healing its variants as
-`heal-variant` runs, a two-model sweep fanned out through run_deployment (one child on 2 GPUs),
-an unreachable S3 endpoint failing fast with one clear error, and bad parameters refused at
-submission.
+`heal-variant` runs, a sweep fanned out through run_deployment (one child on 2 GPUs) where a bad
+model fails alone and a retried parent re-attaches to its children, an unreachable S3 endpoint
+failing fast with one clear error, bad parameters refused at submission, and a run whose worker
+and process were SIGKILLed marked Crashed by the heartbeat automation, its `gpu` slot back.
 """
 
 from __future__ import annotations
@@ -14,27 +15,33 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import s3fs
-from e2e_services import (REPO, free_port, run_cli, run_deploy_script, start_moto,
-                          start_prefect_server, start_worker)
+from e2e_services import (REPO, flow_run_pids, free_port, run_cli, run_deploy_script,
+                          start_moto, start_prefect_server, start_worker)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
                                             FlowRunFilterId, FlowRunFilterParentFlowRunId,
                                             LogFilter, LogFilterFlowRunId)
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import AwaitingRetry
 
 from layerprune.remote import StoreUnavailable, check_reachable
 from layerprune.store import ArtifactStore
+from tasks.results import read_run_summary
 
 pytestmark = pytest.mark.e2e
 BUCKET = "e2e"
 ROOT = f"s3://{BUCKET}/runs"
 STAGES = {"calibration", "hidden_states", "distances", "prune", "eval", "report"}
+ZOMBIE_AFTER_S = 60  # deploy.sh: runs silent this long after a heartbeat are marked Crashed
+GPU_LEASE_S = 60  # tasks/gpus.py: the shortest lease the server grants
 TEXTS = [f"Record {i}: the quick brown fox jumps over the lazy dog and keeps running." for i in
          range(8)]
 
@@ -59,18 +66,28 @@ def stack(tmp_path_factory):
             mp.setenv(k, env[k])
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir(BUCKET)  # no region: moto refuses a LocationConstraint
-        server, api = start_prefect_server(env, tmp)
+        # The server frees expired `gpu` leases every 5 s (default 15 s): a shorter last test.
+        server, api = start_prefect_server(
+            {**env, "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5"}, tmp)
         started.append(server)
         env["PREFECT_API_URL"] = api
-        deploy = run_deploy_script(env, gpu_slots=2)
+        deploy = run_deploy_script({**env, "ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S)}, gpu_slots=2)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        # Workers poll every 2 s (default 10 s) to keep the test short.
+        # Workers poll every 2 s (default 10 s) to keep the test short; runs send heartbeats
+        # every 30 s, as workers.sh has them do.
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "LAYERPRUNE_REPO": str(REPO),
-                      "LAYERPRUNE_ARTIFACTS": ROOT}
-        workers = [start_worker(pool, worker_env, tmp) for pool in ("gpu", "cpu")]
-        started[:0] = workers  # stopped first: a flow run must not outlive its server
+                      "LAYERPRUNE_ARTIFACTS": ROOT, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                      "LAYERPRUNE_GPU_LEASE_S": str(GPU_LEASE_S)}
+        workers = {pool: start_worker(pool, worker_env, tmp) for pool in ("gpu", "cpu")}
+        started[:0] = workers.values()  # stopped first: a flow run must not outlive its server
+
+        def replace_worker(pool: str) -> None:  # after the test killed it
+            workers[pool] = start_worker(pool, worker_env, tmp, name=f"worker-{pool}-again")
+            started.insert(0, workers[pool])
+
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            yield {"env": env, "tmp": tmp, "fs": fs}
+            yield {"env": env, "tmp": tmp, "fs": fs, "workers": workers,
+                   "replace_worker": replace_worker}
     finally:
         mp.undo()
         for svc in started:
@@ -97,13 +114,13 @@ def _model_params(model: str, data: str, root: str = ROOT) -> dict:
             **_text_specs(data)}
 
 
-def _cli_run(stack, deployment: str, params: dict, *extra: str) -> str:
+def _cli_run(stack, deployment: str, params: dict, *extra: str, ends: str = "Completed") -> str:
     """`prefect deployment run ... --watch`, as documented; returns the flow run id."""
     out = run_cli(["deployment", "run", deployment, "--param", f"params={json.dumps(params)}",
                    "--watch", "--watch-interval", "2", "--watch-timeout", "480", *extra],
                   stack["env"], timeout_s=540)
     text = out.stdout + out.stderr
-    assert out.returncode == 0 and "Completed" in text, text[-3000:]
+    assert (out.returncode == 0) == (ends == "Completed") and f"{ends!r}" in text, text[-3000:]
     return re.search(r"UUID: ([0-9a-f-]{36})", text).group(1)
 
 
@@ -122,7 +139,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
 def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data):
     params = _model_params(tiny_models["llama"], data)
     flow_run_id = _cli_run(stack, "prune-and-heal/default", params)
-    summary = _flow_run(flow_run_id).state.result()  # persisted JSON, read back through S3
+    summary = read_run_summary(ROOT, flow_run_id)  # what a sweep reads, from S3
     assert summary["report_uri"].startswith(f"{ROOT}/report/")
     assert [r["n"] for r in summary["rows"]] == [1, 1]
 
@@ -132,15 +149,14 @@ def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data)
     for m in manifests:  # every file a manifest lists is in the bucket with its size
         doc = json.loads(fs.cat(m))
         for rel, meta in doc["files"].items():
-            assert fs.size(m.rsplit("/", 1)[0] + "/" + rel) == meta["bytes"]
+            assert fs.size(m.rsplit("/", 1)[0] + f"/{doc['attempt']}/" + rel) == meta["bytes"]
     records = fs.ls(f"{BUCKET}/runs/prefect-results")
     assert len(records) >= len(STAGES)
-    # Everything there is JSON, not pickle: task cache records (named `<stage key>@<store>`)
-    # wrap the manifest with metadata; flow return values (named by uuid) are the bare JSON.
+    # Everything there is a task cache record (named `<stage key>@<store>`), JSON, not pickle:
+    # flows persist no return value (summaries go to runs/<flow run id>/summary.json).
     docs = {r.rsplit("/", 1)[1]: json.loads(fs.cat(r)) for r in records}
-    cache_records = [d for name, d in docs.items() if "@" in name]
-    assert cache_records and all(d["metadata"]["serializer"]["type"] == "json"
-                                 for d in cache_records)
+    assert all("@" in name for name in docs), sorted(docs)
+    assert all(d["metadata"]["serializer"]["type"] == "json" for d in docs.values())
 
     again = run_deployment("prune-and-heal/default", parameters={"params": params},
                            timeout=480, poll_interval=2)
@@ -148,7 +164,7 @@ def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data)
     states = _task_states(again.id)
     assert {s for n, s in states.items() if not n.startswith("describe-model")} == \
         {"Cached"}, states
-    assert again.state.result()["report_uri"] == summary["report_uri"]
+    assert read_run_summary(ROOT, again.id)["report_uri"] == summary["report_uri"]
 
 
 def _children(flow_run_id) -> list:
@@ -193,45 +209,88 @@ def test_cli_run_holds_the_gpu_limit_and_heals_in_heal_variant_runs(stack, tiny_
     assert {c.work_pool_name for c in children} == {"gpu"}
     assert all(c.state.is_completed() and c.job_variables == {"gpu_count": 1}
                for c in children)
-    summary = _flow_run(flow_run_id).state.result()
+    # One child per variant, each under the idempotency key of its heal stage's first try.
+    assert all(re.fullmatch(f"{flow_run_id}/heal-[0-9a-f]{{20}}/try-0", c.idempotency_key)
+               for c in children), [c.idempotency_key for c in children]
+    summary = read_run_summary(ROOT, flow_run_id)
     healed = sorted(r["variant"] for r in summary["rows"] if "healed" in r["variant"])
     assert healed == ["heuristic, healed", "similarity, healed"]
     assert {r["strategy"] for r in [c.parameters["recipe"]["meta"] for c in children]} == \
         {"similarity", "heuristic"}
 
 
-def test_sweep_fans_out_and_compares_models(stack, tiny_models, data):
-    models = [tiny_models["llama"], tiny_models["gpt2"]]
-    params = {"models": models, "block_sizes": [1], "artifacts": ROOT,
+def _sweep_children(flow_run_id) -> dict:
+    """{model ref: [its child runs]} of a sweep run."""
+    found: dict = {}
+    for child in sorted(_children(flow_run_id), key=lambda c: c.idempotency_key):
+        found.setdefault(child.parameters["params"]["model"]["ref"], []).append(child)
+    return found
+
+
+def test_sweep_fans_out_compares_models_and_survives_a_bad_one(stack, tiny_models, data):
+    """Fractions make the sweep plan each model from its config: the bad one (a config.json
+    that is not JSON) fails there; the others run, the comparison is published, the sweep ends Failed
+    naming it. Retried the way the UI does, the parent re-attaches to its children."""
+    bad = stack["tmp"] / "bad-model"
+    bad.mkdir(exist_ok=True)
+    (bad / "config.json").write_text('{"model_type": "llama", ')  # cut short
+    models = [tiny_models["llama"], tiny_models["gpt2"], str(bad)]
+    params = {"models": models, "fractions": [0.25], "artifacts": ROOT,  # n = 1 of 4 layers
               "child_timeout_s": 480, "gpu_counts": {models[0]: 2}, **_text_specs(data)}
-    flow_run_id = _cli_run(stack, "sweep/nightly", params)
-    summary = _flow_run(flow_run_id).state.result()
+    flow_run_id = _cli_run(stack, "sweep/nightly", params, ends="Failed")
+    summary = read_run_summary(ROOT, flow_run_id)
     labels = [os.path.basename(m) for m in models]
-    assert summary["completed"] == labels and summary["failed"] == {}
-    assert {r["model"] for r in summary["rows"]} == set(labels)
+    assert summary["completed"] == labels[:2] and list(summary["failed"]) == [labels[2]]
+    assert "planning it failed" in summary["failed"][labels[2]]
+    assert "cannot read the config" in summary["failed"][labels[2]]
+    assert {r["model"] for r in summary["rows"]} == set(labels[:2])
+    message = _flow_run(flow_run_id).state.message
+    assert "1 of 3 models did not complete" in message and labels[2] in message
 
     fs = stack["fs"]
-    sweep_dir = summary["report_uri"].removeprefix("s3://")
-    for name in ("manifest.json", "results.parquet", "loss_vs_fraction.png"):
+    sweep_dir = summary["report_uri"].removeprefix("s3://")  # the committed attempt's files
+    for name in ("results.parquet", "loss_vs_fraction.png"):
         assert fs.exists(f"{sweep_dir}/{name}"), name
+    assert fs.exists(f"{sweep_dir.rsplit('/', 1)[0]}/manifest.json")
     with get_client(sync_client=True) as client:
         parent = client.read_flow_run(flow_run_id)
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-models"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         gpu_limit = client.read_global_concurrency_limit_by_name("gpu")
+        nightly = client.read_deployment_by_name("sweep/nightly")
     assert gpu_limit.limit == 2 and gpu_limit.active_slots == 0  # every slot given back
     assert parent.work_pool_name == "cpu"
-    assert len(children) == 2 and {c.work_pool_name for c in children} == {"gpu"}
+    # The deployed nightly runs one at a time; another one waits for it.
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    children = _sweep_children(flow_run_id)
+    assert set(children) == set(models[:2])  # no child for the model that was not planned
+    assert all(len(runs) == 1 for runs in children.values())
+    children = {ref: runs[0] for ref, runs in children.items()}
+    assert {c.work_pool_name for c in children.values()} == {"gpu"}
     # gpu_counts: the llama child asked for 2 GPUs (2 slots, queue of 2-GPU workers)
-    asked = {c.parameters["params"]["model"]["ref"]: (c.job_variables["gpu_count"],
-                                                      c.work_queue_name) for c in children}
+    asked = {ref: (c.job_variables["gpu_count"], c.work_queue_name)
+             for ref, c in children.items()}
     assert asked == {models[0]: (2, "gpus-2"), models[1]: (1, "default")}
-    assert all(c.state.is_completed() for c in children)
+    assert all(c.state.is_completed() for c in children.values())
+    assert all(re.fullmatch(f"{flow_run_id}/model-[0-9a-f]{{16}}/try-0", c.idempotency_key)
+               for c in children.values())
     assert len(artifacts) == 1
     assert len(json.loads(artifacts[0].data)) == 4  # 2 models x 2 strategies
+
+    # Retry the failed parent as the UI's Retry button does: the same flow run runs again.
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, AwaitingRetry(message="retried by the test"))
+    deadline = time.time() + 240
+    while (run := _flow_run(flow_run_id)).run_count < 2 or not run.state.is_final():
+        assert time.time() < deadline, run.state
+        time.sleep(2)
+    assert run.state.is_failed() and labels[2] in run.state.message  # still bad, still alone
+    again = _sweep_children(flow_run_id)
+    assert {ref: [c.id for c in runs] for ref, runs in again.items()} == \
+        {ref: [c.id] for ref, c in children.items()}  # no second child for any model
+    assert read_run_summary(ROOT, flow_run_id)["completed"] == labels[:2]
 
 
 def test_unreachable_store_fails_fast_with_one_clear_error(stack, tiny_models, data,
@@ -271,3 +330,51 @@ def test_bad_parameters_are_refused_at_submission(stack):
         run_deployment("sweep/nightly", parameters={"params": {"models": []}}, timeout=0)
     with get_client(sync_client=True) as client:
         assert len(client.read_flow_runs()) == before  # nothing was created
+
+
+def test_a_run_whose_worker_died_is_marked_crashed_and_its_gpu_slot_comes_back(
+        stack, tiny_models, data):
+    """SIGKILL the gpu worker and the run's processes while the run holds its `gpu` slot, as a
+    lost machine would: nothing reports the run's end, so only its missing heartbeats (the
+    automation deploy.sh created) can mark it Crashed, and only its lease's expiry can give its
+    slot back (tasks/gpus.py). Kept last: it replaces the gpu worker."""
+    with get_client(sync_client=True) as client:
+        automation, = client.read_automations_by_name("layerprune-crash-zombie-flow-runs")
+    assert automation.trigger.within.total_seconds() == ZOMBIE_AFTER_S  # deploy.sh's setting
+    assert _gpu_slots_in_use() == 0
+    run = run_deployment("prune-and-heal/default", timeout=0, parameters={
+        "params": _model_params(tiny_models["llama"], data, f"s3://{BUCKET}/zombie")})
+    deadline = time.time() + 180
+    while _gpu_slots_in_use() == 0:  # the run is in its flow, holding its slot
+        assert time.time() < deadline and not _flow_run(run.id).state.is_final(), \
+            _flow_run(run.id).state
+        time.sleep(0.5)
+    pids = flow_run_pids(run.id)
+    assert pids, "no process of the flow run found"
+    stack["workers"]["gpu"].kill()  # first the worker, or it would report the crash itself
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = time.time()
+    stack["replace_worker"]("gpu")
+    crashed_after = slot_back_after = None
+    while crashed_after is None or slot_back_after is None:
+        waited = time.time() - killed
+        assert waited < ZOMBIE_AFTER_S + GPU_LEASE_S + 60, (_flow_run(run.id).state,
+                                                             _gpu_slots_in_use())
+        if crashed_after is None and _flow_run(run.id).state.is_crashed():
+            crashed_after = waited
+        if slot_back_after is None and _gpu_slots_in_use() == 0:
+            slot_back_after = waited
+        time.sleep(1)
+    state = _flow_run(run.id).state
+    assert "missing heartbeats" in state.message, state  # the automation, not a worker
+    print(f"killed run marked Crashed after {crashed_after:.0f} s, its gpu slot back after "
+          f"{slot_back_after:.0f} s (heartbeat 30 s, within {ZOMBIE_AFTER_S} s, lease "
+          f"{GPU_LEASE_S} s)")
+    # Within ZOMBIE_AFTER_S of its last heartbeat (+ the server's 5 s evaluation, + slack for
+    # a loaded machine); its slot when the lease taken just before the kill expires (+ 5 s).
+    assert crashed_after <= ZOMBIE_AFTER_S + 25
+    assert slot_back_after <= GPU_LEASE_S + 25  # Prefect's default lease (300 s) would fail

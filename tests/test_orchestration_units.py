@@ -19,8 +19,9 @@ from flows.heal import HEAL_DEPLOYMENT, heal_one
 from layerprune.config import HealSpec, PruneAndHealParams, SweepParams
 from layerprune.remote import (S3_CLIENT_CONFIG, StoreUnavailable, check_reachable,
                                storage_options_from_env)
-from tasks.results import block_name, result_storage_for
-from tasks.gpus import gpu_job
+from tasks.gpus import gpu_job, gpu_lease_s
+from tasks.results import (AtomicLocalFileSystem, block_name, read_run_summary, summary_path,
+                           write_run_summary)
 from tasks.sweep import model_label
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,10 +76,24 @@ def test_s3_options_come_from_the_environment(monkeypatch):
     assert "secret" not in json.dumps(opts).lower()  # credentials stay with botocore
 
 
-def test_local_results_live_next_to_the_artifacts(tmp_path):
-    storage = result_storage_for(str(tmp_path / "store"))
-    assert Path(storage.basepath) == tmp_path / "store" / "prefect-results"
+def test_local_results_and_run_summaries_live_next_to_the_artifacts(tmp_path):
+    # (result_storage_for needs a server: tests/test_flow.py)
+    storage = AtomicLocalFileSystem(basepath=str(tmp_path / "store" / "prefect-results"))
+    written = storage.write_path("abc@123", b'{"x": 1}')  # relative: under the basepath
+    assert Path(written) == tmp_path / "store" / "prefect-results" / "abc@123"
+    assert storage.read_path(written) == b'{"x": 1}'  # absolute keys inside it work too
+    assert [p.name for p in Path(written).parent.iterdir()] == ["abc@123"]  # no temp file left
+    with pytest.raises(ValueError, match="outside"):
+        storage.write_path("../escape", b"")
+    with pytest.raises(FileNotFoundError):  # what Prefect's exists() takes for a miss
+        storage.read_path("missing")
     assert block_name("s3://b/p") == block_name("s3://b/p") != block_name("s3://b/q")
+    root = str(tmp_path / "store")
+    assert read_run_summary(root, "run-1") is None
+    write_run_summary(root, "run-1", {"report_uri": "r", "rows": [{"n": 1}]})
+    assert read_run_summary(root, "run-1") == {"report_uri": "r", "rows": [{"n": 1}]}
+    assert summary_path("s3://b/p/", "run-1") == "s3://b/p/runs/run-1/summary.json"
+    assert (tmp_path / "store" / "runs" / "run-1" / "summary.json").is_file()
     check_reachable(str(tmp_path / "new" / "store"))  # creates the directory
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreUnavailable, match="artifacts: cannot create"):
@@ -98,6 +113,9 @@ def test_deployments_file_matches_the_flows():
     assert deps["nightly"]["work_pool"]["name"] == "cpu"
     assert all(d["enforce_parameter_schema"] for d in deps.values())
     assert deps["nightly"]["schedules"][0]["timezone"]
+    # One sweep at a time; a second one waits (docs/operations.md says why not CANCEL_NEW).
+    assert deps["nightly"]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert "concurrency_limit" not in deps["default"]  # the `gpu` limit bounds model runs
     SweepParams.model_validate(deps["nightly"]["parameters"]["params"])  # defaults are valid
     docker = json.loads((REPO / "deployments" / "docker-gpu-pool.json").read_text())
     assert docker["job_configuration"]["container_create_kwargs"]["device_requests"]
@@ -105,32 +123,6 @@ def test_deployments_file_matches_the_flows():
     container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
         "containers"][0]
     assert "nvidia.com/gpu" in container["resources"]["limits"]
-
-
-def test_a_store_that_stops_answering_mid_stage_fails_with_one_clear_error(monkeypatch,
-                                                                           tmp_path):
-    import socket
-
-    from layerprune.store import ArtifactStore
-
-    with socket.socket() as s:  # a loopback port nobody listens on: every connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    store = ArtifactStore("s3://bucket/prefix")
-    with pytest.raises(StoreUnavailable, match=r"reading eval/abc/manifest.json in "
-                                               r"'s3://bucket/prefix' failed after bounded"):
-        store.manifest("eval", "abc")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.json").write_text("{}")
-    with pytest.raises(StoreUnavailable, match="publishing eval/abc in 's3://bucket/prefix'"):
-        store.publish("eval", "abc", out, {})
-    assert (out / "metrics.json").exists()  # the stage's output is kept for a retry
 
 
 def test_k_gpu_runs_ask_for_k_gpus_and_their_own_queue():
@@ -207,14 +199,17 @@ def _workers(tmp_path: Path, env: dict, nvidia_smi: str | None = None) -> list[d
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                     f"with open({str(record)!r}, 'a') as f:\n"
                     "    f.write(json.dumps({'argv': sys.argv[1:], "
-                    "'gpus': os.environ.get('CUDA_VISIBLE_DEVICES')}) + '\\n')\n")
+                    "'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+                    "'heartbeat': os.environ.get('PREFECT_FLOWS_HEARTBEAT_FREQUENCY')})"
+                    " + '\\n')\n")
     fake.chmod(0o755)
     if nvidia_smi is not None:  # stands in for the driver's tool, whatever this machine has
         smi = bin_dir / "nvidia-smi"
         smi.write_text(f"#!/bin/sh\n{nvidia_smi}\n")
         smi.chmod(0o755)
     base = {k: v for k, v in os.environ.items()
-            if k not in ("PREFECT", "GPU_IDS", "GPU_GROUPS", "CUDA_VISIBLE_DEVICES", "POOLS")}
+            if k not in ("PREFECT", "GPU_IDS", "GPU_GROUPS", "CUDA_VISIBLE_DEVICES", "POOLS",
+                         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")}
     run = subprocess.run([str(REPO / "deployments" / "workers.sh")], text=True, timeout=60,
                          capture_output=True,
                          env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env})
@@ -235,6 +230,7 @@ def test_one_gpu_worker_per_gpu_id(tmp_path):
     assert all(_option(c["argv"], "--work-queue") == [] for c in gpu)  # every queue
     assert len({_option(c["argv"], "--name")[0] for c in gpu}) == 4
     assert len(cpu) == 1 and cpu[0]["gpus"] is None and "--limit" not in cpu[0]["argv"]
+    assert {c["heartbeat"] for c in calls} == {"30"}  # runs emit heartbeats every 30 s
 
 
 def test_gpu_groups_make_k_gpu_workers_on_their_queue(tmp_path):
@@ -278,3 +274,38 @@ def test_bad_parameters_are_refused_by_the_schema_at_submission(flow_name, param
     jsonschema.validate({"params": {}}, schema)  # the defaults are valid
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"params": params}, schema)
+
+
+def test_zombie_automation_is_prefects_documented_one():
+    """deployments/zombie-automation.yaml parses as a Prefect automation that marks a flow run
+    Crashed when no event of it follows a heartbeat within `within` seconds."""
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    doc = yaml.safe_load((REPO / "deployments" / "zombie-automation.yaml").read_text())
+    automation = AutomationCore.model_validate(doc)
+    trigger = automation.trigger
+    assert isinstance(trigger, EventTrigger) and trigger.posture == Posture.Proactive
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect == {"prefect.flow-run.*"}  # any state change resets it, not only 4
+    assert trigger.for_each == {"prefect.resource.id"} and trigger.threshold == 1
+    assert trigger.within.total_seconds() == 90  # two missed heartbeats at workers.sh's 30 s
+    # Every deployment's runs send heartbeats often enough that a live run is never taken for
+    # a dead one (Prefect's default, 180 s, would be), on any kind of worker.
+    deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    for d in deployments["deployments"]:
+        beat = int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= beat and 2 * beat < trigger.within.total_seconds(), d["name"]
+    action, = automation.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state.value == "CRASHED"
+
+
+def test_gpu_lease_duration_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LAYERPRUNE_GPU_LEASE_S", raising=False)
+    assert gpu_lease_s() == 120
+    monkeypatch.setenv("LAYERPRUNE_GPU_LEASE_S", "60")
+    assert gpu_lease_s() == 60
+    for bad in ("30", "soon", "1e9"):  # the server refuses leases under 60 s
+        monkeypatch.setenv("LAYERPRUNE_GPU_LEASE_S", bad)
+        with pytest.raises(ValueError, match="LAYERPRUNE_GPU_LEASE_S"):
+            gpu_lease_s()
