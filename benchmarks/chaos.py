@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # e2e_services: moto and Prefect servers on loopback
 from chaos_checks import compare, heal_resumed_from, inspect_store  # noqa: E402
-from e2e_services import start_moto, start_prefect_server  # noqa: E402
+from e2e_services import group_alive, start_moto, start_prefect_server  # noqa: E402
 
 FINISHED = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
 TASK_ERROR = re.compile(r"Task run failed with exception: (.*)")
@@ -137,7 +137,7 @@ class Run:
         while self._ended is None:
             time.sleep(0.01)
         deadline = time.monotonic() + 10  # children the group leader left behind
-        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.poll()
 
@@ -152,14 +152,6 @@ class Run:
         starts = [i for i, ln in enumerate(lines[:ends[-1]]) if " variant " in f" {ln} "
                   and " loss " in f" {ln} "] if ends else []
         return "\n".join(lines[starts[-1]:ends[-1] + 1]) if starts else None
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 class Stores:

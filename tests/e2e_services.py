@@ -47,7 +47,7 @@ class Service:
                 break
             try:
                 self.proc.wait(timeout=wait_s)
-                if not _group_alive(self.proc.pid):
+                if not group_alive(self.proc.pid):
                     break
             except subprocess.TimeoutExpired:
                 continue
@@ -65,7 +65,7 @@ class Service:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
         return True
