@@ -288,28 +288,16 @@ class ArtifactStore:
         Sizes are one `find` listing on a remote store; checksums there are checked on download
         (`local_dir`), where the bytes are read anyway."""
         base = self.files_path(manifest)
+        if self.is_local:
+            return _local_problems(Path(base), manifest, full)
         with self._remote_errors(f"checking {manifest['stage']}/{manifest['key']}"):
             try:
                 listed = {p.removeprefix(base + "/"): info["size"]
-                          for p, info in self.fs.find(base, detail=True).items()} \
-                    if not self.is_local else None
+                          for p, info in self.fs.find(base, detail=True).items()}
             except FileNotFoundError:
                 listed = {}
-        problems = []
-        for rel, meta in manifest["files"].items():
-            if listed is not None:
-                size = listed.get(rel)
-            else:
-                p = Path(base) / rel
-                size = p.stat().st_size if p.is_file() else None
-            if size is None:
-                problems.append(f"{rel}: missing")
-            elif size != meta["bytes"]:
-                problems.append(f"{rel}: {size} bytes, manifest says {meta['bytes']}")
-            elif self.is_local and (full or size <= SMALL_FILE) \
-                    and file_sha256(Path(base) / rel) != meta["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest")
-        return problems
+        return [problem for rel, meta in manifest["files"].items()
+                if (problem := _size_problem(rel, listed.get(rel), meta["bytes"]))]
 
     def local_dir(self, stage: str, key: str) -> Path:
         """A local directory holding the stage's files (downloaded once per key if remote)."""
@@ -364,15 +352,27 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _local_problems(base: Path, manifest: dict) -> list[str]:
-    """Sizes always, checksums of small files: the same rule as `ArtifactStore.verify`."""
+def _size_problem(rel: str, size: int | None, expected: int) -> str | None:
+    if size is None:
+        return f"{rel}: missing"
+    if size != expected:
+        return f"{rel}: {size} bytes, manifest says {expected}"
+    return None
+
+
+def _local_problems(base: Path, manifest: dict, full: bool = False) -> list[str]:
+    """The files of `manifest` under the local directory `base` (in a local store, or a
+    download in the cache): sizes always, sha256 of files up to SMALL_FILE bytes (all with
+    `full`)."""
     problems = []
     for rel, meta in manifest["files"].items():
         p = base / rel
-        if not p.is_file() or p.stat().st_size != meta["bytes"]:
-            problems.append(rel)
-        elif meta["bytes"] <= SMALL_FILE and file_sha256(p) != meta["sha256"]:
-            problems.append(rel)
+        problem = _size_problem(rel, p.stat().st_size if p.is_file() else None, meta["bytes"])
+        if problem is None and (full or meta["bytes"] <= SMALL_FILE) \
+                and file_sha256(p) != meta["sha256"]:
+            problem = f"{rel}: sha256 differs from the manifest"
+        if problem:
+            problems.append(problem)
     return problems
 
 
