@@ -67,7 +67,7 @@ def real_params(root: str) -> dict:
             "prune": {"block_sizes": [4], "strategies": ["similarity", "heuristic"]},
             "loss": {"samples": 4, "seq_len": 64},
             "benchmarks": {"tasks": {"boolq": 4}, "block_sizes": [4]},
-            "heal": {"block_sizes": [4], "strategies": ["heuristic"],
+            "heal": {"block_sizes": [4], "strategies": ["heuristic"], "methods": ["lora"],
                      "config": {"steps": 8, "seq_len": 64, "batch_size": 2, "lr": 2e-3,
                                 "save_every": 2, "gradient_checkpointing": False}},
             "batch_size": 8, "artifacts": root}

@@ -9,7 +9,7 @@ quantization, bf16 compute, as QLoRA). Phases per mode, over the same N texts of
 forward (the baseline: bare batched forward with logits), extract (`last_token_states`, the
 distance pass), loss (`next_token_loss`), mmlu (one pass of `SharedPrefixHFLM.loglikelihood`
 over S x Q questions shaped like 5-shot MMLU: a shared ~450-token header per subject, a
-~110-token question, four one-token answers) and heal (steps of `heal.load_for_training`'s
+~110-token question, four one-token answers) and heal (steps of `heal_training.load_for_training`'s
 model: LoRA rank 8 on the MLPs, gradient checkpointing, AdamW, autocast in the compute dtype as
 the Trainer's bf16 flag does; timed after one warm-up step). Text: random words of a word-level
 tokenizer built here (no network). Figures: tokens/s and peak GPU memory per phase
@@ -160,10 +160,11 @@ def mmlu_requests(rng: random.Random, subjects: int, questions: int, vocab: int)
 
 
 def heal_steps(ckpt: Path, mode: str, args, device: str, rng: random.Random) -> dict:
-    from layerprune.heal import HealConfig, _compute_dtype, load_for_training
+    from layerprune.heal import HealConfig
+    from layerprune.heal_training import compute_dtype, load_for_training
 
     cfg = HealConfig(quant=mode == "nf4", batch_size=args.heal_batch, seq_len=args.seq_len)
-    dtype = _compute_dtype(cfg)
+    dtype = compute_dtype(cfg)
     model = load_for_training(str(ckpt), cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)

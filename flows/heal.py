@@ -1,4 +1,4 @@
-"""The `heal-variant` flow: one pruned variant healed (QLoRA) as its own run on the `gpu` pool.
+"""The `heal-variant` flow: one variant healed by one method, as its own run on the `gpu` pool.
 
     prune-and-heal (holds its gpu slots) ── evaluates every unhealed variant ──► releases them
         └─ run_deployment(heal-variant/default) × variants, in parallel ─► each: gpu slots, heal
@@ -16,7 +16,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layerprune.config import HealSpec, ModelSpec
+from layerprune.config import HealMethod, HealSpec, ModelSpec
 from layerprune.remote import check_reachable
 from layerprune.store import ArtifactStore
 from tasks.children import run_child
@@ -29,28 +29,31 @@ HEAL_DEPLOYMENT = "heal-variant/default"  # deployments/prefect.yaml
 # Not persisted: the parent reads the heal stage's manifest from the artifact store (run_heal).
 @flow(name="heal-variant", log_prints=True, persist_result=False)
 def heal_one(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
-             spec: HealSpec) -> dict:
-    """Heal the variant `recipe` of `model` (tasks.heal.heal_variant); its manifest."""
+             spec: HealSpec, method: HealMethod = "lora") -> dict:
+    """Heal the variant `recipe` of `model` by `method` (tasks.heal.heal_variant); its
+    manifest."""
     check_reachable(store_root)
     with gpu_slots():
-        return heal_variant(store_root, model, model_info, recipe, spec)
+        return heal_variant(store_root, model, model_info, recipe, spec, method)
 
 
-def heal_key(model: ModelSpec, model_info: dict, recipe: dict, spec: HealSpec) -> str:
+def heal_key(model: ModelSpec, model_info: dict, recipe: dict, spec: HealSpec,
+             method: str) -> str:
     """The heal stage's key for this variant: the address its manifest has in the store."""
     return heal_variant.key({"model": model, "model_info": model_info, "recipe": recipe,
-                             "spec": spec})
+                             "spec": spec, "method": method})
 
 
 @task(name="dispatch-heal", task_run_name="dispatch-heal-{label}", cache_policy=NO_CACHE)
 def run_heal(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
-             spec: HealSpec, gpu_count: int, label: str) -> dict:
+             spec: HealSpec, method: str, gpu_count: int, label: str) -> dict:
     """Run `heal-variant/default` for one variant and wait; the heal stage's manifest, read from
     the store under the key this process computes (no Prefect result is read back)."""
-    key = heal_key(model, model_info, recipe, spec)
+    key = heal_key(model, model_info, recipe, spec, method)
     run = run_child(HEAL_DEPLOYMENT, {
         "store_root": store_root, "model": model.model_dump(mode="json"),
-        "model_info": model_info, "recipe": recipe, "spec": spec.model_dump(mode="json")},
+        "model_info": model_info, "recipe": recipe, "spec": spec.model_dump(mode="json"),
+        "method": method},
         f"heal {label}", work=f"heal-{key}", **gpu_job(gpu_count))
     manifest = ArtifactStore(store_root).manifest(STAGE, key)
     if manifest is None:
@@ -61,8 +64,11 @@ def run_heal(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
 
 
 def heal_in_deployments(store_root: str, model: ModelSpec, model_info: dict,
-                        recipes: list[dict], spec: HealSpec, gpu_count: int) -> list[dict]:
-    """Heal every recipe as its own `heal-variant` run, all at once; manifests in order."""
-    futures = [run_heal.submit(store_root, model, model_info, r, spec, gpu_count,
-                               f"{r['meta']['strategy']}-n{r['meta']['n']}") for r in recipes]
+                        jobs: list[tuple[dict, str]], spec: HealSpec,
+                        gpu_count: int) -> list[dict]:
+    """Heal every (recipe, method) as its own `heal-variant` run, all at once; manifests in
+    order."""
+    futures = [run_heal.submit(store_root, model, model_info, r, spec, method, gpu_count,
+                               f"{r['meta']['strategy']}-n{r['meta']['n']}-{method}")
+               for r, method in jobs]
     return [f.result() for f in futures]

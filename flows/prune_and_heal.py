@@ -1,12 +1,15 @@
-"""The `prune-and-heal` flow: one model, calibrated, measured, pruned and evaluated.
+"""The `prune-and-heal` flow: one model, calibrated, measured, pruned, healed and evaluated.
 
-    describe model ─► calibration ─► hidden states ─► distances ─┬► prune(n, strategy) ─► eval
-                                                                  │        └─► heal ─► eval
-                                                                  └──────────── eval base model
+    describe model ─► calibration ─┬► hidden states ─► distances ─┬► prune(n, strategy) ─► eval
+                                   └► scores ─────────────────────┘      └─► heal(method) ─► eval
+                                                   eval base model ◄──┘
 eval = next-token loss (+ bits per byte) and lm-eval benchmarks (MMLU, BoolQ, ...), one task run
-per (variant, metric). Each box is a cached task (tasks/); artifacts live in the store under
-`params.artifacts`. Healing runs in this process, or as one `heal-variant` run per variant on
-the gpu pool (`heal.dispatch`, flows/heal.py).
+per (variant, metric). Strategies choose the layers: similarity (distances), heuristic,
+block-influence and greedy-loss (scores), random (k seeded blocks, reported as mean ± sd).
+Every selected variant is healed by every method (lora, distill, linear, linear+distill) and
+the report compares them. Each box is a cached task (tasks/); artifacts live in the store under
+`params.artifacts`. Healing runs in this process, or as one `heal-variant` run per variant and
+method on the gpu pool (`heal.dispatch`, flows/heal.py).
 Run `python -m flows.prune_and_heal` for the demo defaults, or trigger the deployment.
 """
 
@@ -20,8 +23,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.heal import heal_in_deployments
-from layerprune.config import ModelSpec, PruneAndHealParams
+from layerprune.calibration import sample_texts
+from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
+from layerprune.criteria import DATA_STRATEGIES
 from layerprune.data import check_source
+from layerprune.errors import LayerPruneError
 from layerprune.models import check_context
 from layerprune.prune import check_block_size
 from layerprune.remote import check_reachable
@@ -29,12 +35,13 @@ from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
 from tasks.common import stage_files, stage_policy
+from tasks.criteria import layer_scores
 from tasks.gpus import GpuSlots, gpu_slots
 from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
-from tasks.report import publish_report
+from tasks.report import describe_variant, healing_columns, publish_report, random_row
 from tasks.results import write_run_summary
 
 
@@ -46,7 +53,7 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     check_source(params.calibration.data)
     check_source(params.loss.data)
     if params.heal.enabled:
-        check_source(params.heal.data)
+        _check_heal_data(params.heal)
     check_reachable(params.artifacts)  # one clear error, before any work, if unreachable
     # A run from a deployment (UI, CLI, schedule, sweep) holds its `gpu_count` slots of the
     # global limit `gpu` from here on: taken by the run itself, so the limit covers every run
@@ -70,40 +77,61 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
     states = extract_hidden_states(root, params.model, model_info, tokens, params.batch_size,
                                    params.extraction)
     distances = compute_distances(root, states, title=f"{params.model.ref}")
+    scores = {c: layer_scores(root, params.model, model_info, tokens, c,
+                              params.prune.greedy_samples, max(params.prune.block_sizes),
+                              params.batch_size)
+              for c in DATA_STRATEGIES if c in params.prune.strategies}
     base = _evaluate(params, params.model, model_info, [], benchmarks=True)
 
-    rows, recipes = [], []
+    rows, recipes, evaluated = [], [], {}
     for n in params.prune.block_sizes:
         for strategy in params.prune.strategies:
-            recipe = prune_model(root, params.model, model_info, distances, n, strategy,
-                                 params.prune.export_checkpoints)
-            drop = recipe["meta"]["removed_layers"]
-            metrics = _evaluate(params, params.model, model_info, drop, _benchmarked(params, n))
-            rows.append({**_describe(recipe, strategy), **metrics})
-            recipes.append(recipe)
+            seeds = range(params.prune.random_blocks) if strategy == "random" else [0]
+            found = []
+            for seed in seeds:
+                recipe = prune_model(root, params.model, model_info, distances, n, strategy,
+                                     params.prune.export_checkpoints, scores.get(strategy), seed)
+                drop = tuple(recipe["meta"]["removed_layers"])
+                if drop not in evaluated:  # strategies often agree: each block is scored once
+                    evaluated[drop] = _evaluate(params, params.model, model_info, list(drop),
+                                                _benchmarked(params, n))
+                found.append((recipe, evaluated[drop]))
+            if strategy == "random":  # the baseline: one row, mean ± sd over the blocks
+                rows.append(random_row(found))
+            else:
+                rows.append({**describe_variant(found[0][0], strategy), **found[0][1]})
+                recipes.append(found[0][0])
 
     # Healing last: evaluating a healed model loads it in place of the source model.
-    chosen = [r for r in recipes if params.heal.enabled
-              and r["meta"]["n"] in params.heal.block_sizes
-              and r["meta"]["strategy"] in params.heal.strategies]
-    dispatched = {}
-    if chosen and params.heal.dispatch == "deployment":
+    jobs = [(r, method) for r in recipes if params.heal.enabled
+            and r["meta"]["n"] in params.heal.block_sizes
+            and r["meta"]["strategy"] in params.heal.strategies
+            for method in params.heal.methods]
+    for recipe, method in [j for j in jobs if j[1].startswith("linear")
+                           and 0 in j[0]["meta"]["removed_layers"]]:
+        logger.warning("%s, n=%d: no linear patch: its removed layers start at layer 0, with no "
+                       "kept layer before them to fold the map into", recipe["meta"]["strategy"],
+                       recipe["meta"]["n"])
+        jobs.remove((recipe, method))
+    dispatched = []
+    if jobs and params.heal.dispatch == "deployment":
         with gpus.released():  # each heal-variant run holds slots of its own (flows/heal.py)
-            dispatched = dict(enumerate(heal_in_deployments(
-                root, params.model, model_info, chosen, params.heal, max(gpus.count, 1))))
+            dispatched = heal_in_deployments(root, params.model, model_info, jobs, params.heal,
+                                             max(gpus.count, 1))
     heals = {}
-    for i, recipe in enumerate(chosen):
+    for i, (recipe, method) in enumerate(jobs):
         n, strategy = recipe["meta"]["n"], recipe["meta"]["strategy"]
         healed = dispatched[i] if dispatched else heal_variant(root, params.model, model_info,
-                                                                recipe, params.heal)
-        heals[f"{strategy}, n={n}"] = healed
+                                                                recipe, params.heal, method)
+        heals[f"{strategy}, n={n}, {method}"] = healed
         merged = params.model.model_copy(
             update={"ref": str(stage_files(root, healed) / "merged")})
         merged_info = {"fingerprint": f"healed-{healed['key']}",
-                       "num_layers": model_info["num_layers"] - n}
+                       "num_layers": model_info["num_layers"] - n,
+                       "variant": f"{strategy}-n{n}-{method}"}  # names its eval task runs
         metrics = _evaluate(params, merged, merged_info, [], _benchmarked(params, n))
-        rows.append({**_describe(recipe, f"{strategy}, healed"), **metrics,
-                     "heal_train_loss": round(healed["meta"]["final_train_loss"], 4)})
+        rows.append({**describe_variant(recipe, f"{strategy}, {method}"), **metrics,
+                     **healing_columns(healed)})
     summary = publish_report(root, params, model_info, distances, base, rows, heals)
     logger.info("report: %s", summary["report_uri"])
     return summary
@@ -118,6 +146,16 @@ def _check_contexts(params: PruneAndHealParams) -> None:
         lengths["heal.config.seq_len"] = params.heal.config.seq_len
     for name, seq_len in lengths.items():
         check_context(m.ref, seq_len, name, m.trust_remote_code, m.revision)
+
+
+def _check_heal_data(spec: HealSpec) -> None:
+    """The healing text exists and, for the linear patch, holds its `linear_samples` records."""
+    check_source(spec.data)
+    if any(m.startswith("linear") for m in spec.methods):
+        try:
+            sample_texts(spec.data, spec.config.linear_samples, text_field=spec.config.text_field)
+        except LayerPruneError as e:
+            raise LayerPruneError(f"heal.config.linear_samples: {e}") from None
 
 
 def _benchmarked(params: PruneAndHealParams, n: int) -> bool:
@@ -138,14 +176,6 @@ def _evaluate(params: PruneAndHealParams, model: ModelSpec, model_info: dict, dr
         values[task] = round(result["value"], 4)
         values[f"{task}_baseline"] = round(result["baseline"], 4)
     return values
-
-
-def _describe(recipe: dict, variant: str) -> dict:
-    r = recipe["meta"]
-    return {"variant": variant, "strategy": r["strategy"], "n": r["n"],
-            "fraction": round(r["fraction"], 4),
-            "removed_layers": f"{r['removed_layers'][0]}-{r['removed_layers'][-1]}",
-            "block_distance": round(r["block_distance"], 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune import calibration, distances as dist, hidden_states, loss as loss_mod
-from layerprune import prune as prune_mod, streaming
+from layerprune import prune as prune_mod, stability as stab, streaming
 from layerprune.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
+from layerprune.criteria import DATA_STRATEGIES
 from layerprune.data import check_source
 from layerprune.errors import LayerPruneError
 from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
@@ -62,9 +63,15 @@ def _check_model(spec, seq_len: int | None = None) -> None:
 def distances(model: str, data: str, samples: int, seq_len: int, out: str,
               batch_size: int | str | None = "auto", seed: int | None = None,
               padding_side: str = "right", text_field: str = "text", extraction: str = "auto",
-              memory_budget: int | str | None = None, **placement) -> dict:
-    """Write `out/distances.json`, `out/heatmap.png` (and the calibration tokens); return the
-    document plus "extraction", the way the hidden states were computed.
+              memory_budget: int | str | None = None, folds: int | None = None,
+              bootstrap: int = stab.DEFAULT_BOOTSTRAP, **placement) -> dict:
+    """Write `out/distances.json`, `out/heatmap.png`, `out/stability.json`,
+    `out/stability.png` (and the calibration tokens); return the distances document plus
+    "stability" and "extraction", the way the hidden states were computed.
+
+    `folds`: disjoint calibration subsets whose block choices are compared, 2..samples (default
+    3, skipped with the reason recorded when samples < 3); `bootstrap`: resamples for the
+    intervals and choice shares, 0 skips them (`layerprune.stability`).
 
     `batch_size`: "auto" is the fastest for the device (`batching.resolve_batch_size`).
     `extraction`: "in-memory", "streamed" (one layer at a time, `layerprune.streaming`) or "auto":
@@ -75,6 +82,9 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
     spec = model_spec(model, placement)
     batch_size = resolve_batch_size(batch_size, spec.device)
     calibration.check_sizes(samples, seq_len)
+    if folds is None:
+        folds = stab.default_folds(samples)
+    stab.check_options(folds, bootstrap, samples)
     if seed is not None and not 0 <= seed < 2**63:
         raise LayerPruneError(f"seed must be an integer in 0..2^63-1 (or none: the first "
                               f"`samples` records), got {seed}")
@@ -100,41 +110,120 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
             states = streaming.last_token_states_streamed(
                 spec.ref, ids, batch_size, padding_side, pad, max_memory=memory_budget,
                 **streaming.streamed_options(spec))
-        doc = dist.compute(states, tmp, title=f"{Path(model).name}: {samples} samples")
+        doc = dist.compute(states, tmp, title=f"{Path(model).name}: {samples} samples",
+                           folds=folds, bootstrap=bootstrap)
     return {**doc, "extraction": mode}
 
 
-def prune(model: str, n: int, out: str, start: int | None = None, strategy: str | None = None,
-          distances_dir: str | None = None, dtype: str = "auto") -> dict:
-    """Remove a block of n layers and save a checkpoint in `out`; returns `prune.json`.
+def prune(model: str, n: int | None, out: str, start: int | None = None,
+          strategy: str | None = None, distances_dir: str | None = None, dtype: str = "auto", *,
+          layers: list[int] | None = None, data: str | None = None, samples: int | None = None,
+          seq_len: int | None = None, batch_size: int | str = "auto", seed: int | None = None,
+          text_field: str = "text") -> dict:
+    """Remove n layers and save a checkpoint in `out`; returns `prune.json`.
 
-    A local safetensors checkpoint is pruned by surgery on disk, never loaded, in the dtype it
-    has (`dtype` auto, or that dtype); another dtype, a GGUF file or a hub id loads and saves
+    The layers: exactly one of `start` (the block start..start+n-1), `strategy`
+    (`prune.choose_layers`) or `layers` (an explicit list, contiguous or not; n is its length).
+    block-influence and greedy-loss score the first `samples` records of `data` cut to
+    `seq_len` tokens with the model loaded (`layerprune.criteria`); random takes `seed`
+    (default 0); similarity reads `distances_dir`. `prune.json` records the strategy and what
+    it read (scores, seed, distance).
+
+    A local safetensors checkpoint is pruned by surgery on disk, in the dtype it has (`dtype`
+    auto, or that dtype); another dtype, a GGUF file or a hub id loads and saves
     (`prune.write_pruned`)."""
     check_output_dir(out)
     model_spec(model, {"dtype": dtype})
-    if (start is None) == (strategy is None):
-        raise LayerPruneError("give exactly one of start (--start) or strategy (--strategy)")
+    if sum(x is not None for x in (start, strategy, layers)) != 1:
+        raise LayerPruneError("give exactly one of start (--start), strategy (--strategy) or "
+                              "layers (--layers)")
+    if layers is not None:
+        if n is not None and n != len(layers):
+            raise LayerPruneError(f"n={n} but layers lists {len(layers)} layers; give one")
+        n = len(layers)
+    elif n is None:
+        raise LayerPruneError("n (--n) is required with start or strategy")
+    if strategy is not None and strategy not in prune_mod.STRATEGIES:
+        raise LayerPruneError(f"strategy must be one of {', '.join(prune_mod.STRATEGIES)}, "
+                              f"got {strategy!r}")
+    _check_strategy_inputs(strategy, distances_dir, data, samples, seq_len, seed)
+    if strategy == "random":
+        seed = 0 if seed is None else seed
+        prune_mod.check_seed(seed)
+    if strategy in DATA_STRATEGIES:
+        batch_size = resolve_batch_size(batch_size, "auto")
+        calibration.check_sizes(samples, seq_len)
+        check_source(data)
+    num_layers = check_architecture(model)
+    check_weights(model)
+    check_tokenizer(model)  # the checkpoint written must load with its tokenizer
+    if layers is not None:  # distinct, in range, not every layer
+        prune_mod.kept_layers(list(layers), num_layers)
+    prune_mod.check_block_size(n, num_layers)
+    info: dict = {"strategy": strategy or "manual", "block_size": n}
+    loaded = None
+    if layers is not None:
+        drop = sorted(layers)
+    elif start is not None:
+        drop = prune_mod.block_from_start(start, n, num_layers)
+    elif strategy in DATA_STRATEGIES:
+        check_context(model, seq_len)
+        texts = calibration.sample_texts(data, samples, None, text_field)
+        loaded = load_model(model, dtype)
+        ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
+        scores = _criterion_scores(strategy, loaded, ids, n, batch_size)
+        info.update(scores, calibration={"data": data, "samples": samples, "seq_len": seq_len})
+        drop = prune_mod.choose_layers(strategy, n, num_layers,
+                                       influence=scores.get("block_influence"),
+                                       greedy_order=scores.get("greedy_order"))
+    else:
+        doc = dist.load(distances_dir) if strategy == "similarity" else None
+        drop = prune_mod.choose_layers(strategy, n, num_layers,
+                                       distance=doc["distance"] if doc else None, seed=seed or 0)
+        if doc is not None:
+            info["block_distance"] = doc["distance"][n - 1][drop[0]]
+            info["calibration_samples"] = doc["n_samples"]
+        if strategy == "random":
+            info["seed"] = seed
+    return prune_mod.write_pruned(model, drop, out, info, dtype=dtype,
+                                  load=(lambda: loaded) if loaded else None)
+
+
+def _check_strategy_inputs(strategy: str | None, distances_dir: str | None, data: str | None,
+                           samples: int | None, seq_len: int | None, seed: int | None) -> None:
+    """Each strategy's inputs are there, and none it would ignore (a --data or --seed that
+    changes nothing is a mistake to point out, not to drop silently)."""
     if strategy == "similarity":  # before the model's config is read: this needs no model
         if distances_dir is None:
             raise LayerPruneError("strategy 'similarity' needs --distances DIR")
         if not (Path(distances_dir) / dist.DISTANCES_FILE).is_file():
             raise LayerPruneError(f"distances: no {dist.DISTANCES_FILE} in {distances_dir!r}")
-    num_layers = check_architecture(model)
-    check_weights(model)
-    check_tokenizer(model)  # the checkpoint written must load with its tokenizer
-    doc = None
-    if strategy == "similarity":
-        doc = dist.load(distances_dir)
-    if strategy is not None:
-        drop = prune_mod.choose_block(strategy, n, num_layers, doc["distance"] if doc else None)
-    else:
-        drop = prune_mod.block_from_start(start, n, num_layers)
-    info = {"strategy": strategy or "manual", "block_size": n}
-    if doc is not None:
-        info["block_distance"] = doc["distance"][n - 1][drop[0]]
-        info["calibration_samples"] = doc["n_samples"]
-    return prune_mod.write_pruned(model, drop, out, info, dtype=dtype)
+    elif distances_dir is not None:
+        raise LayerPruneError("distances (--distances) is read only by strategy 'similarity'")
+    if strategy in DATA_STRATEGIES:
+        missing = [name for name, value in (("--data FILE", data), ("--samples N", samples),
+                                            ("--seq-len T", seq_len)) if value is None]
+        if missing:
+            raise LayerPruneError(f"strategy {strategy!r} needs calibration text: "
+                                  f"{' '.join(missing)} missing")
+    elif any(v is not None for v in (data, samples, seq_len)):
+        raise LayerPruneError(f"data, samples, seq_len (--data, --samples, --seq-len) are read "
+                              f"only by strategies {', '.join(DATA_STRATEGIES)}")
+    if seed is not None and strategy != "random":
+        raise LayerPruneError("seed (--seed) is read only by strategy 'random'")
+
+
+def _criterion_scores(strategy: str, loaded: LoadedModel, ids: list[list[int]], n: int,
+                      batch_size: int) -> dict:
+    """What a data strategy read, as recorded in prune.json."""
+    from layerprune import criteria
+
+    if strategy == "block-influence":
+        return {"block_influence": criteria.block_influence(
+            loaded.model, ids, batch_size, pad_token_id(loaded.tokenizer))}
+    found = criteria.greedy_loss_order(loaded.model, loaded.tokenizer, ids, n, batch_size)
+    return {"greedy_order": found["order"], "greedy_losses": found["losses"],
+            "greedy_base_loss": found["base_loss"], "forward_passes": found["forward_passes"]}
 
 
 def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = None,
@@ -180,20 +269,28 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
     return metrics
 
 
-def heal(model: str, data: str, out: str, steps: int, **config) -> dict:
-    """QLoRA-heal a pruned checkpoint: `out/adapter/`, `out/merged/`, `out/heal.json`.
+def heal(model: str, data: str, out: str, steps: int | None = None, method: str = "lora",
+         teacher: str | None = None, **config) -> dict:
+    """Heal a pruned checkpoint with `method` (lora, distill, linear, linear+distill):
+    `out/merged/`, `out/heal.json`, a loss curve, and `out/adapter/` for the training methods.
 
-    `config` holds any other `layerprune.heal.HealConfig` field (rank, lr, targets, seq_len,
-    batch_size, quant, ...); an interrupted run into the same `out` resumes.
+    `steps` is required except for `linear` (no training). `teacher`: the unpruned model
+    (default: the source in the checkpoint's prune.json). `config` holds any other
+    `layerprune.heal.HealConfig` field (rank, lr, seq_len, temperature, kl_weight,
+    teacher_logits, top_k, linear_samples, ...); an interrupted run into the same `out` resumes.
     """
     from layerprune import heal as heal_mod
 
-    cfg = heal_mod.check_config({"steps": steps, **config})
+    heal_mod.check_method(method)
+    if steps is None and method != "linear":
+        raise LayerPruneError(f"steps (--steps) is required for method {method!r}; only "
+                              "'linear' trains nothing")
+    cfg = heal_mod.check_config({**({"steps": steps} if steps is not None else {}), **config})
     check_output_dir(out)
     _check_pruned_checkpoint(model)
     check_source(data)
     check_context(model, cfg.seq_len)
-    return heal_mod.heal(model, data, out, cfg)
+    return heal_mod.heal(model, data, out, cfg, method=method, teacher=teacher)
 
 
 def _check_pruned_checkpoint(model: str) -> None:
@@ -201,10 +298,8 @@ def _check_pruned_checkpoint(model: str) -> None:
     `prune.json`, whose layer count matches the config. (The library's `heal.heal` takes any
     checkpoint: fine-tuning an unpruned model is legitimate there, but on the command line it
     is almost always the wrong directory, e.g. the source model instead of the pruned one.)"""
-    import json
-
     from layerprune.models import read_config
-    from layerprune.prune import layer_config
+    from layerprune.prune import layer_config, read_prune_record
 
     check_model_ref(model)
     check_weights(model)
@@ -212,16 +307,12 @@ def _check_pruned_checkpoint(model: str) -> None:
     if not path.is_dir():
         raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint directory; heal "
                               "takes the --out directory of `layerprune prune`")
-    record = path / "prune.json"
-    if not record.is_file():
+    doc = read_prune_record(path)
+    if doc is None:
         raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint (no prune.json); "
                               "heal takes the --out directory of `layerprune prune`")
-    try:
-        doc = json.loads(record.read_text(encoding="utf-8"))
-        removed, after = list(doc["removed_layers"]), doc.get("num_layers_after")
-    except (ValueError, KeyError, TypeError) as e:
-        raise LayerPruneError(f"model: {str(record)!r} is not a valid prune record "
-                              f"({type(e).__name__}: {e})") from None
+    removed, after, record = doc["removed_layers"], doc.get("num_layers_after"), \
+        path / "prune.json"
     layers = layer_config(read_config(model)).num_hidden_layers
     if after is not None and after != layers:
         raise LayerPruneError(f"model: {str(record)!r} says {after} layers remain after removing "

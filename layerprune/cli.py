@@ -66,6 +66,19 @@ def _batch_size(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _layer_list(text: str) -> list[int]:
+    """'3,7,9' or '3-5,9' (the form `prune.describe_layers` writes) -> [3, 7, 9] / [3, 4, 5, 9];
+    range and duplicates are checked against the model later, before it loads."""
+    layers = []
+    for item in text.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())) or (dash and int(high) < int(low)):
+            raise argparse.ArgumentTypeError(f"expected layer indices such as 3,7,9 or 12-17, "
+                                             f"got {text!r}")
+        layers += range(int(low), int(high if dash else low) + 1)
+    return layers
+
+
 def _data_args(p: argparse.ArgumentParser, samples_required: bool,
                auto_batch: bool = False) -> None:
     p.add_argument("--data", required=True,
@@ -111,14 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", dest="memory_budget", default=None, metavar="SIZE",
                    help="most weights + activations held at once, e.g. 700MB, 40GB "
                         "(default: the memory available)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="disjoint calibration subsets whose block choices are compared, "
+                        "2..--samples (default 3; skipped when --samples < 3)")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples for the distance intervals and choice shares (0: skip)")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("prune", help="remove a block of n layers and save a checkpoint")
+    p = sub.add_parser("prune", help="remove n layers (a block, or any chosen layers) and save "
+                       "a checkpoint")
     _model_args(p, placement=False)
-    p.add_argument("--n", type=int, required=True, help="number of layers to remove")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of layers to remove (with --start or --strategy)")
     p.add_argument("--start", type=int, default=None, help="first layer of the block")
-    p.add_argument("--strategy", default=None, choices=["similarity", "heuristic"])
+    p.add_argument("--strategy", default=None,
+                   help="similarity (needs --distances), heuristic, block-influence and "
+                        "greedy-loss (need --data --samples --seq-len), random (--seed)")
+    p.add_argument("--layers", type=_layer_list, default=None,
+                   help="the layers to remove, e.g. 3,7,9 or 12-17 (instead of --n with "
+                        "--start or --strategy)")
     p.add_argument("--distances", default=None, help="directory holding distances.json")
+    p.add_argument("--data", default=None, help="calibration text of block-influence and "
+                   "greedy-loss (see --data of distances)")
+    p.add_argument("--samples", type=int, default=None, help="calibration records (the first N)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration record")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="samples per forward pass; auto: 1 on CPU, 16 on a GPU")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random: which seeded block (0, 1, ...; default 0)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("eval", help="loss and lm-eval benchmarks (MMLU, BoolQ, ...) of a model")
@@ -137,10 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("heal", help="QLoRA-heal a pruned checkpoint (adapter + merged model)")
+    p = sub.add_parser("heal", help="heal a pruned checkpoint (QLoRA, distillation or a linear "
+                       "patch): merged model (+ adapter)")
     p.add_argument("--model", required=True, help="pruned checkpoint directory")
     p.add_argument("--data", required=True, help="healing text (see --data of distances)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--method", default="lora", choices=["lora", "distill", "linear",
+                                                        "linear+distill"],
+                   help="lora: QLoRA on the text (the paper); distill: the same adapters "
+                        "trained on the teacher's logits; linear: a least-squares patch at the "
+                        "cut, no training; linear+distill: the patch, then distill")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (required except for --method linear)")
+    p.add_argument("--teacher", default=None, help="the unpruned model (default: the source "
+                   "named in the checkpoint's prune.json)")
+    p.add_argument("--samples", type=int, default=None, dest="linear_samples",
+                   help="linear patch: fit on the first N records of --data (default 120)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature "
+                   "(default 1)")
+    p.add_argument("--kl-weight", type=float, default=None, help="share of the KL term, 0..1; "
+                   "the rest is next-token loss (default 1)")
+    p.add_argument("--teacher-logits", default=None, choices=["auto", "online", "cached"],
+                   help="teacher beside the student, or its top-k logits cached on disk "
+                        "(default auto: online when both fit)")
+    p.add_argument("--top-k", type=int, default=None, help="logits per position in the cache "
+                   "(default 64)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank, 1..64")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"])
@@ -184,22 +238,32 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "distances":
         doc = api.distances(args.model, args.data, args.samples, args.seq_len, args.out,
                             args.batch_size, args.seed, args.padding_side, args.text_field,
-                            args.extraction, args.memory_budget, **_placement(args))
+                            args.extraction, args.memory_budget, folds=args.folds,
+                            bootstrap=args.bootstrap, **_placement(args))
+        from layerprune.stability import summary_line
+
         return {"out": args.out, "num_layers": doc["num_layers"], "n_samples": doc["n_samples"],
-                "extraction": doc["extraction"]}
+                "extraction": doc["extraction"], "stability": summary_line(doc["stability"])}
     if args.command == "prune":
         return api.prune(args.model, args.n, args.out, args.start, args.strategy,
-                         args.distances, args.dtype)
+                         args.distances, args.dtype, layers=args.layers, data=args.data,
+                         samples=args.samples, seq_len=args.seq_len,
+                         batch_size=args.batch_size, seed=args.seed,
+                         text_field=args.text_field)
     if args.command == "eval":
         return api.evaluate(args.model, args.tasks, args.out, args.data, args.seq_len,
                             args.limit, args.shots, args.samples, args.batch_size,
                             **_placement(args))
     if args.command == "heal":
-        return api.heal(args.model, args.data, args.out, args.steps, rank=args.rank,
-                        lr=args.lr, targets=args.targets, seq_len=args.seq_len,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        save_every=args.save_every, quant=not args.no_quant,
-                        device_map=args.device_map)
+        # Options left unset keep HealConfig's defaults.
+        given = {k: getattr(args, k) for k in ("linear_samples", "temperature", "kl_weight",
+                                               "teacher_logits", "top_k")
+                 if getattr(args, k) is not None}
+        return api.heal(args.model, args.data, args.out, args.steps, method=args.method,
+                        teacher=args.teacher, rank=args.rank, lr=args.lr, targets=args.targets,
+                        seq_len=args.seq_len, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, save_every=args.save_every,
+                        quant=not args.no_quant, device_map=args.device_map, **given)
     if args.command == "loss":
         return api.loss(args.model, args.data, args.seq_len, args.out, args.samples,
                         args.batch_size, args.text_field, **_placement(args))

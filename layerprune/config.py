@@ -14,10 +14,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerprune.errors import LayerPruneError
-from layerprune.heal import HealConfig
+from layerprune.heal import METHODS, HealConfig
 from layerprune.placement import DEVICE_PATTERN, check_placement
+from layerprune.prune import STRATEGIES
 
-Strategy = Literal["similarity", "heuristic"]
+# The library's tuples are the one list of names; Literal[tuple] is Literal[each name].
+Strategy = Literal[STRATEGIES]
+HealMethod = Literal[METHODS]
 # The demo's healing on a 2-core CPU: 10 steps of 4 x 128 tokens at lr 2e-3 closed ~80% of the
 # loss gap of SmolLM2 without layers 23..28 in about a minute (lr 3e-4, the paper's, closed 7%
 # in 10 steps); the paper trains for thousands of steps on a GPU. Gradient checkpointing off:
@@ -133,8 +136,19 @@ class LossSpec(TextSpec):
 class PruneSpec(_Spec):
     block_sizes: list[BlockSize] = Field(default_factory=lambda: [2, 4, 6, 8, 10], min_length=1,
                                          description="numbers of layers to drop, each >= 1")
-    strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
-                                       min_length=1)
+    strategies: list[Strategy] = Field(
+        default_factory=lambda: ["similarity", "heuristic"], min_length=1,
+        description="how the layers to drop are chosen: similarity (the paper's angular "
+        "distance), heuristic (the last n but the final layer), block-influence (ShortGPT: the "
+        "n layers that change their input least, contiguous or not), greedy-loss (one layer at "
+        "a time, the one whose removal raises calibration loss least; ~L*n forward passes), "
+        "random (`random_blocks` seeded contiguous blocks, reported as mean ± sd)")
+    random_blocks: int = Field(3, ge=2, le=100, description="seeded blocks per n for the "
+                               "random baseline (2 or more, for a standard deviation)")
+    # Greedy-loss costs sum_{k<n}(L-k) loss passes (255 for L=30, n=10): a subset keeps that in
+    # minutes on a CPU; block-influence needs one pass and uses every calibration sample.
+    greedy_samples: int = Field(16, ge=1, le=1_000_000, description="calibration records "
+                                "scored by greedy-loss at each step (the first ones)")
     export_checkpoints: bool = Field(False, description="write a full checkpoint per variant "
                                      "(otherwise only the recipe: source + removed layers)")
 
@@ -184,13 +198,24 @@ class BenchmarkSpec(_Spec):
 
 
 class HealSpec(_Spec):
-    """QLoRA healing of pruned variants (layerprune.heal), evaluated like the unhealed ones."""
+    """Healing of pruned variants (layerprune.heal), evaluated like the unhealed ones: every
+    selected variant is healed by every method in `methods`, with the same config and data."""
 
     enabled: bool = Field(True, description="heal the variants selected below")
     block_sizes: list[BlockSize] = Field(default_factory=lambda: [6], description="heal variants "
                                    "with these n (each must be one of prune.block_sizes)")
-    strategies: list[Strategy] = Field(default_factory=lambda: ["similarity", "heuristic"],
-                                       min_length=1)
+    # The demo heals the paper's choice by two methods: each healed variant costs its own
+    # benchmark passes (~1.5 min on a CPU), and the demo keeps to its time.
+    strategies: list[Strategy] = Field(default_factory=lambda: ["similarity"],
+                                       min_length=1, description="heal the variants of these "
+                                       "strategies (not random: it is a baseline of k blocks)")
+    methods: list[HealMethod] = Field(
+        default_factory=lambda: ["linear", "lora"], min_length=1,
+        description="lora: QLoRA on next-token loss (the paper); distill: the same adapters "
+        "trained to match the teacher's next-token distribution; linear: a least-squares map "
+        "at the cut folded into the weights, no training (seconds); linear+distill: both")
+    teacher: ModelRef | None = Field(None, description="teacher of distill and source of the "
+                                     "linear fit; null: the unpruned model of this run")
     data: str = Field("bundled:wiki-heal", min_length=1, pattern=r"\S",
                       description="healing text (C4 in the paper: allenai/c4:en:train)")
     config: HealConfig = Field(default_factory=lambda: HealConfig(
@@ -201,6 +226,19 @@ class HealSpec(_Spec):
     dispatch: Literal["inline", "deployment"] = Field(
         "inline", description="inline: heal in this run's process, one variant after another; "
         "deployment: one heal-variant/default run per variant on the gpu pool, in parallel")
+
+    @field_validator("strategies", "methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @field_validator("strategies")
+    @classmethod
+    def _not_random(cls, v: list[str]) -> list[str]:
+        if "random" in v:
+            raise ValueError("random is a baseline of several blocks, not one variant to heal; "
+                             f"heal one of {[s for s in STRATEGIES if s != 'random']}")
+        return v
 
 
 class ExtractionSpec(_Spec):

@@ -1,5 +1,6 @@
 """Figures in the style of the paper: the distance heatmap (Fig. 1c) and metric curves (Fig. 1d),
-and the healing runs' train-loss curves.
+the healing runs' train-loss curves, and the block choice's stability under the calibration
+sample.
 
 Written with matplotlib's Agg backend to PNG, atomically, so they work on headless workers.
 """
@@ -52,17 +53,20 @@ def metric_curves(rows: list[dict], path: str | Path, metrics: list[str],
                   base: dict[str, float] | None = None, title: str = "") -> None:
     """One panel per metric: value against the fraction of layers dropped, a line per variant.
 
-    `rows` are dicts with keys `fraction`, `variant` (e.g. "similarity", "heuristic, healed") and
-    one key per metric; `base` holds the unpruned model's values, drawn as reference lines.
+    `rows` are dicts with keys `fraction`, `variant` (e.g. "similarity", "heuristic, lora") and
+    one key per metric, optionally `<metric>_sd` (drawn as an error bar: the random baseline's
+    spread); `base` holds the unpruned model's values, drawn as reference lines.
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     variants = sorted({r["variant"] for r in rows})
     for ax, metric in zip(axes[0], metrics):
         for variant in variants:
-            pts = sorted((r["fraction"], r[metric]) for r in rows
+            pts = sorted((r["fraction"], r[metric], r.get(f"{metric}_sd") or 0.0) for r in rows
                          if r["variant"] == variant and r.get(metric) is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=variant)
+                x, y, sd = zip(*pts)
+                ax.errorbar(x, y, yerr=sd if any(sd) else None, marker="o", capsize=3,
+                            label=variant)
         if base and base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
         ax.set_xlabel("fraction of layers dropped")
@@ -86,4 +90,70 @@ def train_loss_curves(curves: dict[str, list[dict]], path: str | Path,
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def stability_chart(stability: dict, distance: list[list[float]], path: str | Path,
+                    title: str = "") -> None:
+    """Is the block choice stable under the calibration sample? (layerprune.stability)
+
+    Left, laid out as the heatmap (x = first layer l, y = block size n = 1..L-1): shading is the
+    share of bootstrap resamples in which each start wins, the full sample's l*(n) is a black
+    ring, and each disjoint fold's l*(n) a small marker: rings filled and folds on them mean the
+    sample was enough. Right: how far the runner-up start's distance lies above the chosen
+    block's, with the bootstrap interval of that gap (red where it reaches 0: a close call).
+    """
+    n_layers = len(distance)
+    sizes = np.arange(1, n_layers)  # n = L has one start only: nothing to choose
+    full = stability["start"]
+    boot, folds = stability["bootstrap"], stability["folds"]
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(9.6, 5.2), sharey=True,
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    extent = (-0.5, n_layers - 0.5, 0.5, n_layers - 0.5)
+    if "frequency" in boot and len(sizes):
+        grid = np.full((n_layers - 1, n_layers), np.nan)
+        for n in sizes:
+            grid[n - 1, : len(boot["frequency"][n - 1])] = boot["frequency"][n - 1]
+        im = ax.imshow(grid, origin="lower", cmap="Blues", vmin=0, vmax=1, aspect="auto",
+                       extent=extent)
+        fig.colorbar(im, ax=ax, label=f"share of {boot['resamples']} bootstrap resamples won",
+                     pad=0.02)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.plot([full[n - 1] for n in sizes], sizes, "o", markersize=9, markerfacecolor="none",
+            markeredgecolor="black", label="full sample l*(n)")
+    if "start" in folds:
+        k = folds["k"]
+        for i, (starts, marker) in enumerate(zip(folds["start"], "x+^vsd" * k)):
+            offset = (i - (k - 1) / 2) * 0.5 / k  # side by side, so agreeing folds stay visible
+            ax.plot([starts[n - 1] + offset for n in sizes], sizes, marker, markersize=4,
+                    color=f"C{1 + i % 9}", linestyle="none",
+                    label=f"fold {i + 1} ({folds['sizes'][i]} samples)")
+    ax.set_xlabel("first layer of the block, l")
+    ax.set_ylabel("block size, n")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=7)
+    ax.set_title("block choice: full sample, folds, bootstrap", fontsize=10)
+    from layerprune.stability import runner_up
+
+    for n in sizes:  # how far behind the choice the next best start is, per n
+        row, best = distance[n - 1], full[n - 1]
+        gap = row[runner_up(row, best)] - row[best]
+        margin = (boot.get("margin") or [None] * n_layers)[n - 1]
+        if margin:
+            close = margin["low"] <= 0  # some resamples rank the runner-up first
+            # max(0, .): a percentile interval need not contain the full-sample gap.
+            xerr = [[max(0.0, gap - margin["low"])], [max(0.0, margin["high"] - gap)]]
+            side.errorbar(gap, n, xerr=xerr, fmt="o",
+                          color="tab:red" if close else "black", markersize=3, capsize=2)
+        else:
+            side.plot(gap, n, "o", color="black", markersize=3)
+    side.axvline(0, color="grey", linewidth=1)
+    side.plot([], [], "o", color="black", markersize=3, label="interval above 0: clear")
+    side.plot([], [], "o", color="tab:red", markersize=3, label="reaches 0: close call")
+    side.set_xlabel("runner-up start's distance minus l*(n)'s\n"
+                    f"({boot.get('level', 0.95):.0%} bootstrap interval)")
+    side.grid(alpha=0.3)
+    side.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
+    if title:
+        fig.suptitle(title)
     _save(fig, path)

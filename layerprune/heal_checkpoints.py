@@ -146,3 +146,25 @@ def logging_steps(steps: int, save_every: int | None) -> int:
     if not save_every:
         return target
     return max(d for d in range(1, min(target, save_every) + 1) if save_every % d == 0)
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, request: dict, resume: bool) -> Path | None:
+    """Make `ckpt_dir` hold only what this `request` may reuse; return the checkpoint to resume
+    from (None: train from step 0).
+
+    `request.json` names the run everything in `ckpt_dir` was made for (checkpoints, and the
+    teacher's top-k cache and the patched checkpoint beside them). Resuming the same request
+    keeps it all but the incomplete checkpoints; anything else starts from an empty directory.
+    (A complete checkpoint of another request was refused before: `heal_validation`.)"""
+    saved = ckpt_dir / "request.json"
+    try:
+        same = resume and json.loads(saved.read_text()) == request
+    except (FileNotFoundError, ValueError):
+        same = False
+    # A kill mid-save leaves a checkpoint-N that the Trainer would resume from, or later write
+    # its new checkpoint-N on top of: delete every incomplete one (logged).
+    last = discard_incomplete(ckpt_dir) if same else None
+    if not same and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    write_json_atomic(saved, request)
+    return last

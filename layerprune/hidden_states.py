@@ -26,7 +26,8 @@ STATES_FILE = "states.safetensors"
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer receives (positional, or the `hidden_states` keyword)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -68,7 +69,7 @@ def last_token_states(model, ids: list[list[int]], batch_size: int = 8, padding_
 
     handles = [
         layer.register_forward_pre_hook(
-            lambda mod, args, kwargs, i=i: store(i, _hidden(args, kwargs)), with_kwargs=True)
+            lambda mod, args, kwargs, i=i: store(i, layer_input(args, kwargs)), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
     handles.append(layers[-1].register_forward_hook(

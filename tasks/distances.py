@@ -1,11 +1,15 @@
-"""Prefect task: the angular distance matrix and its heatmap (layerprune.distances)."""
+"""Prefect task: the angular distance matrix and its heatmap (layerprune.distances), and how
+stable the block choice is under the calibration sample (layerprune.stability)."""
 
 from __future__ import annotations
 
-from layerprune import distances, hidden_states
+from layerprune import distances, hidden_states, stability
 from tasks.common import run_stage, stage_files, stage_task
 
-STAGE, VERSION = "distances", 1
+# 2: also stability.json / stability.png. Their settings are the library defaults (3 folds, 200
+# resamples, seed 0), fixed by this version rather than keyed: they do not change
+# distances.json, and a key change here would recompute every stage keyed on this one.
+STAGE, VERSION = "distances", 2
 
 
 def key_params(states: dict) -> dict:
@@ -15,8 +19,12 @@ def key_params(states: dict) -> dict:
 @stage_task(STAGE, VERSION, key_params)
 def compute_distances(store_root: str, states: dict, title: str = "") -> dict:
     def build(out):
-        doc = distances.compute(hidden_states.load_states(stage_files(store_root, states)),
-                                out, title=title)
-        return {"num_layers": doc["num_layers"], "n_samples": doc["n_samples"]}
+        tensor = hidden_states.load_states(stage_files(store_root, states))
+        doc = distances.compute(tensor, out, title=title,
+                                folds=stability.default_folds(tensor.shape[1]))
+        folds = doc["stability"]["folds"]
+        return {"num_layers": doc["num_layers"], "n_samples": doc["n_samples"],
+                "stability": stability.summary_line(doc["stability"]),
+                "agreement": folds.get("agreement")}  # per n = 1..L; None when skipped
 
     return run_stage(store_root, STAGE, VERSION, key_params(states), build)

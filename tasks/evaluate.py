@@ -13,7 +13,7 @@ import contextlib
 from layerprune import benchmarks
 from layerprune.config import LossSpec, ModelSpec
 from layerprune.data import fingerprint as data_fingerprint
-from layerprune.prune import removed_layers
+from layerprune.prune import describe_layers, removed_layers
 from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task
 
 STAGE, VERSION = "eval", 1
@@ -34,12 +34,14 @@ def key_params(model_info: dict, model: ModelSpec, drop: list[int], task: str,
 
 
 def run_name() -> str:
-    """e.g. eval-mmlu-base, eval-loss-drop-12-17, eval-boolq-healed (shown in the Prefect UI)."""
+    """e.g. eval-mmlu-base, eval-loss-drop-12-17, eval-loss-drop-3,7,9,
+    eval-boolq-similarity-n6-lora (a healed model: its `model_info["variant"]`), shown in the
+    Prefect UI."""
     from prefect.runtime import task_run
 
     p = task_run.parameters
-    drop, healed = p["drop"], p["model_info"]["fingerprint"].startswith("healed-")
-    variant = "healed" if healed else f"drop-{drop[0]}-{drop[-1]}" if drop else "base"
+    drop, info = p["drop"], p["model_info"]
+    variant = info.get("variant") or (f"drop-{describe_layers(drop)}" if drop else "base")
     return f"eval-{p['task']}-{variant}"
 
 

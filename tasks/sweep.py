@@ -90,7 +90,7 @@ def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
         df.insert(0, "model", c["model"])
         df["base_loss"] = round(c["base_loss"], 4)
         frames.append(df.drop(columns=["recipe"], errors="ignore"))
-    # Children label their rows by `variant` ("similarity", "similarity, healed", ...).
+    # Children label their rows by `variant` ("similarity", "similarity, lora", ...).
     kind = "variant" if all("variant" in f for f in frames) else "strategy"
     table = pd.concat(frames, ignore_index=True).sort_values(["model", kind, "n"])
     # One line per model: the paper's method when it ran, unhealed, from the unpruned model.

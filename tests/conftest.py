@@ -84,3 +84,15 @@ def texts_jsonl(tmp_path) -> str:
 @pytest.fixture(scope="session")
 def real_assets() -> None:
     assets.fetch(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def pruned(tiny_models, tmp_path_factory):
+    """The tiny Llama without layer 1, written by `layerprune prune` (prune.json names the
+    source): a pruned checkpoint to heal. Read-only: copy it to change it."""
+    from layerprune.cli import main
+
+    out = tmp_path_factory.mktemp("pruned") / "ckpt"
+    assert main(["prune", "--model", tiny_models["llama"], "--n", "1", "--start", "1",
+                 "--out", str(out)]) == 0
+    return out

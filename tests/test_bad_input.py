@@ -30,15 +30,6 @@ LONG_TEXT = " ".join(f"word{i}" for i in range(700))
 
 
 @pytest.fixture(scope="module")
-def pruned(tiny_models, tmp_path_factory) -> Path:
-    """A pruned checkpoint (prune.json, tokenizer, safetensors) of the tiny Llama."""
-    out = tmp_path_factory.mktemp("pruned") / "ckpt"
-    assert main(["prune", "--model", tiny_models["llama"], "--n", "1", "--start", "1",
-                 "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def broken(pruned, tmp_path_factory) -> dict[str, Path]:
     """Copies of `pruned`, each broken in one way (all keep prune.json, so heal reaches the
     same check as the others)."""
@@ -337,6 +328,32 @@ def test_heal_arguments(extra, phrases, pruned, texts_jsonl, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra, phrases", [
+    (["--method", "distill"], ["steps (--steps) is required for method 'distill'"]),
+    (["--method", "linear+distill"], ["steps (--steps) is required for method 'linear+distill'"]),
+    (["--method", "distill", "--steps", "1", "--kl-weight", "2"],
+     ["heal config: kl_weight: Input should be less than or equal to 1"]),
+    (["--method", "distill", "--steps", "1", "--temperature", "0"],
+     ["heal config: temperature: Input should be greater than 0"]),
+    (["--method", "linear", "--samples", "0"],
+     ["heal config: linear_samples: Input should be greater than or equal to 1"]),
+])
+def test_heal_method_arguments(extra, phrases, pruned, texts_jsonl, tmp_path, capsys,
+                               weights_must_not_load):
+    _refused(["heal", "--model", str(pruned), "--data", texts_jsonl, *extra, "--out",
+              str(tmp_path / "out")], capsys, *phrases)
+    assert not (tmp_path / "out").exists()
+
+
+def test_heal_teacher_must_be_the_unpruned_source(pruned, texts_jsonl, tmp_path, capsys,
+                                                  weights_must_not_load):
+    """The pruned checkpoint given as its own teacher: 3 layers where prune.json says 4."""
+    _refused(["heal", "--model", str(pruned), "--data", texts_jsonl, "--method", "distill",
+              "--steps", "1", "--teacher", str(pruned), "--out", str(tmp_path / "out")], capsys,
+             "teacher: ", "has 3 decoder layers", "num_layers_before")
+    assert not (tmp_path / "out").exists()
+
+
 def test_heal_takes_only_a_pruned_checkpoint(tiny_models, pruned, texts_jsonl, tmp_path, capsys,
                                              weights_must_not_load):
     """The unpruned source model, a prune.json that is not JSON, and a prune.json copied onto
@@ -394,6 +411,11 @@ def test_argument_errors_are_one_line_too(capsys):
         (["loss", "--model", "m", "--data", "d", "--seq-len", "8", "--device-map", "{bad",
           "--out", "o"], "argument --device-map: not a JSON object"),
         (["nosuch"], "argument command: invalid choice: 'nosuch'"),
+        (["heal", "--model", "m", "--data", "d", "--method", "foo", "--out", "o"],
+         "argument --method: invalid choice: 'foo'"),
+        (["heal", "--model", "m", "--data", "d", "--method", "distill", "--steps", "1",
+          "--teacher-logits", "disk", "--out", "o"],
+         "argument --teacher-logits: invalid choice: 'disk'"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)

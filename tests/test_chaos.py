@@ -27,6 +27,7 @@ def tiny_params(model: str, data: str):
                 "prune": {"block_sizes": [1], "strategies": ["similarity", "heuristic"]},
                 "benchmarks": {"tasks": {}},
                 "heal": {"block_sizes": [1], "strategies": ["heuristic"], "data": data,
+                         "methods": ["lora"],  # the resumable method; linear has no steps
                          "config": {"steps": 6, "seq_len": 8, "batch_size": 2, "save_every": 2,
                                     "gradient_checkpointing": False}},
                 "batch_size": 4, "artifacts": root}

@@ -59,10 +59,13 @@ def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHeal
         "model": {"ref": model},
         "calibration": {"data": data, "samples": 5, "seq_len": 12},
         "loss": {"data": data, "samples": 3, "seq_len": 12},
-        "prune": {"block_sizes": sizes, "export_checkpoints": True},
+        "prune": {"block_sizes": sizes, "export_checkpoints": True, "random_blocks": 2,
+                  "greedy_samples": 3, "strategies": ["similarity", "heuristic",
+                                                      "block-influence", "greedy-loss", "random"]},
         "benchmarks": {"tasks": {"boolq": 4}, "block_sizes": [1]},
         "heal": {"block_sizes": [1], "strategies": ["heuristic"], "data": data,
-                 "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": 1}},
+                 "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": 1,
+                           "linear_samples": 5}},
         "batch_size": 4, "artifacts": str(root)})
 
 
@@ -78,14 +81,32 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
         json.loads(json.dumps(summary))
     records = list((tmp_path / "store" / "prefect-results").iterdir())
     assert len(records) >= 7 and all("@" in r.name and r.is_file() for r in records), records
-    assert [r["n"] for r in summary["rows"]] == [1, 1, 1]
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert sorted(rows) == ["block-influence", "greedy-loss", "heuristic", "heuristic, linear",
+                            "heuristic, lora", "random", "similarity"]
+    assert [r["n"] for r in summary["rows"]] == [1] * 7
     manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
     stages = {m.parent.parent.name for m in manifests}
-    assert stages == {"calibration", "hidden_states", "distances", "prune", "eval", "heal",
-                      "report"}
-    healed = [r for r in summary["rows"] if r["variant"] == "heuristic, healed"]
-    assert len(healed) == 1 and healed[0]["loss"] > 0 and "boolq" in healed[0]
-    row = summary["rows"][0]
+    assert stages == {"calibration", "hidden_states", "distances", "scores", "prune", "eval",
+                      "heal", "report"}
+    distances = [json.loads(m.read_text()) for m in manifests if m.parent.parent.name ==
+                 "distances"][0]
+    assert {"stability.json", "stability.png"} <= set(distances["files"])
+    assert "disjoint folds" in distances["meta"]["stability"]  # shown in the report
+    # The random baseline: two seeded blocks, their mean loss and its spread.
+    blocks = rows["random"]["removed_layers"].split("; ")
+    assert len(blocks) == 2 and len(set(blocks)) == 2 and rows["random"]["loss_sd"] >= 0
+    for method in ("linear", "lora"):  # each healed row against its unhealed variant
+        healed = rows[f"heuristic, {method}"]
+        assert healed["heal_method"] == method and "boolq" in healed
+        assert healed["pruned_loss"] == rows["heuristic"]["loss"]
+        gap = 100 * (healed["pruned_loss"] - healed["loss"]) / (
+            healed["pruned_loss"] - summary["base"]["loss"])
+        assert healed["loss_gap_closed_pct"] == pytest.approx(gap, abs=0.06)
+        assert healed["heal_seconds"] > 0 and healed["heal_peak_memory_mb"] > 0
+    assert rows["heuristic, lora"]["heal_tokens"] == 2 * 2 * 8  # steps x batch x seq_len
+    assert rows["heuristic, linear"]["heal_tokens"] == 0 < rows["heuristic, linear"]["fit_tokens"]
+    row = rows["similarity"]
     assert 0 <= row["boolq"] <= 1 and row["loss"] > 0 and row["bits_per_byte"] > 0
     for m in manifests:  # every listed file is in the committed attempt with its size
         doc = json.loads(m.read_text())
@@ -113,11 +134,15 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     bigger = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1, 2])
     states = _task_states(prune_and_heal(bigger, return_state=True))
     computed = {n for n, s in states.items() if s == "Completed"}
-    assert {n for n in computed if n.startswith("prune")} == {"prune-similarity-n2",
-                                                              "prune-heuristic-n2"}, states
-    assert all(n.startswith(("describe-model", "prune", "eval-loss-drop", "report"))
+    # greedy-loss's order is computed up to the largest n, so it (and its n=1 recipe) is redone.
+    assert {n for n in computed if n.startswith(("prune", "scores"))} == {
+        "prune-similarity-n2", "prune-heuristic-n2", "prune-block-influence-n2",
+        "prune-greedy-loss-n2", "prune-random-n2-seed0", "prune-random-n2-seed1",
+        "scores-greedy-loss", "prune-greedy-loss-n1"}, states
+    assert all(n.startswith(("describe-model", "prune", "eval-loss-drop", "report", "scores"))
                for n in computed), computed
-    assert states["prune-similarity-n1"] == states["prune-heuristic-n1"] == "Cached"
+    assert states["prune-similarity-n1"] == states["prune-random-n1-seed1"] == "Cached"
+    assert states["scores-block-influence"] == "Cached"
     assert {s for n, s in states.items() if n.startswith(("calibration", "hidden", "dist"))} \
         == {"Cached"}
 
@@ -128,7 +153,11 @@ def test_bad_parameters_are_refused_before_any_work(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="samples"):
         PruneAndHealParams.model_validate({"calibration": {"samples": 0}})
     with pytest.raises(ValueError, match="strategies"):
-        PruneAndHealParams.model_validate({"prune": {"strategies": ["random"]}})
+        PruneAndHealParams.model_validate({"prune": {"strategies": ["shortgpt"]}})
+    with pytest.raises(ValueError, match="random is a baseline"):
+        PruneAndHealParams.model_validate({"heal": {"strategies": ["random"]}})
+    with pytest.raises(ValueError, match="methods"):
+        PruneAndHealParams.model_validate({"heal": {"methods": ["qlora"]}})
 
 
 def _race(storage, seconds: float = 1.5) -> tuple[int, int]:

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 from layerprune import heal as heal_mod
 from layerprune.errors import LayerPruneError
-from layerprune.heal import HealConfig, check_config, heal, load_for_training, target_modules
+from layerprune.heal import HealConfig, check_config, heal
+from layerprune.heal_training import load_for_training, target_modules
 from layerprune.heal_checkpoints import logging_steps
 
 REPO = Path(__file__).resolve().parent.parent

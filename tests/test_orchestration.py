@@ -184,7 +184,9 @@ def test_cli_run_holds_the_gpu_limit_and_heals_in_heal_variant_runs(stack, tiny_
     children, which take slots of their own, heal."""
     params = {**_model_params(tiny_models["llama"], data), "heal": {
         "block_sizes": [1], "data": data, "dispatch": "deployment",
-        "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": None}}}
+        "strategies": ["heuristic"], "methods": ["linear", "lora"],
+        "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": None,
+                   "linear_samples": 5}}}
     assert run_cli(["gcl", "update", "gpu", "--limit", "1"], stack["env"]).returncode == 0
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -213,10 +215,11 @@ def test_cli_run_holds_the_gpu_limit_and_heals_in_heal_variant_runs(stack, tiny_
     assert all(re.fullmatch(f"{flow_run_id}/heal-[0-9a-f]{{20}}/try-0", c.idempotency_key)
                for c in children), [c.idempotency_key for c in children]
     summary = read_run_summary(ROOT, flow_run_id)
-    healed = sorted(r["variant"] for r in summary["rows"] if "healed" in r["variant"])
-    assert healed == ["heuristic, healed", "similarity, healed"]
-    assert {r["strategy"] for r in [c.parameters["recipe"]["meta"] for c in children]} == \
-        {"similarity", "heuristic"}
+    healed = sorted(r["variant"] for r in summary["rows"] if r.get("heal_method"))
+    assert healed == ["heuristic, linear", "heuristic, lora"]
+    # One child per (variant, method), each healing by its own method.
+    assert sorted((c.parameters["recipe"]["meta"]["strategy"], c.parameters["method"])
+                  for c in children) == [("heuristic", "linear"), ("heuristic", "lora")]
 
 
 def _sweep_children(flow_run_id) -> dict:

@@ -21,18 +21,19 @@ def _logits(model, ids):
 def test_similarity_picks_row_minimum_and_heuristic_keeps_last():
     # distance[n-1][l]; for n=2 the minimum is at l=1
     distance = [[0.5, 0.1, 0.2, 0.3], [0.4, 0.05, 0.6], [0.3, 0.2], [0.9]]
-    assert prune.choose_block("similarity", 2, 4, distance) == [1, 2]
-    assert prune.choose_block("heuristic", 2, 4) == [1, 2]  # L-1-n .. L-2
-    assert prune.choose_block("heuristic", 1, 30) == [28]
-    assert prune.choose_block("heuristic", 6, 30) == [23, 24, 25, 26, 27, 28]
+    assert prune.choose_layers("similarity", 2, 4, distance=distance) == [1, 2]
+    assert prune.choose_layers("heuristic", 2, 4) == [1, 2]  # L-1-n .. L-2
+    assert prune.choose_layers("heuristic", 1, 30) == [28]
+    assert prune.choose_layers("heuristic", 6, 30) == [23, 24, 25, 26, 27, 28]
     with pytest.raises(LayerPruneError, match="strategy must be one of"):
-        prune.choose_block("random", 2, 4, distance)
+        prune.choose_layers("shortest", 2, 4, distance=distance)
 
 
 @pytest.mark.parametrize("n", [0, -1, 4, 5])
-def test_block_size_out_of_range(n):
+@pytest.mark.parametrize("strategy", ["heuristic", "random", "block-influence"])
+def test_block_size_out_of_range(n, strategy):
     with pytest.raises(LayerPruneError, match=r"n must be in 1\.\.3"):
-        prune.choose_block("heuristic", n, 4)
+        prune.choose_layers(strategy, n, 4, influence=[0.1, 0.2, 0.3, 0.4])
 
 
 def test_removed_layers_updates_config_and_restores(tiny_models):

@@ -217,3 +217,53 @@ def test_real_model_surgery_equals_in_memory_save(real_assets, tmp_path):
     _assert_same_checkpoint(ours, saved)
     reloaded = AutoModelForCausalLM.from_pretrained(ours).eval()
     torch.testing.assert_close(_logits(reloaded), expected, atol=0, rtol=0)
+
+
+def _six_layer_model(family: str, tokenizer, path: Path) -> str:
+    """Six layers, so that a non-contiguous drop leaves kept layers of every kind: qwen2 full
+    below max_window_layers=3 and sliding above; gemma3 a sliding/sliding/full pattern."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
+    config = {"llama": lambda: LlamaConfig(**common),
+              "qwen2": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=4,
+                                           max_window_layers=3),
+              "gemma3": lambda: Gemma3TextConfig(
+                  **common, head_dim=8, sliding_window=4,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2),
+              }[family]()
+    torch.manual_seed(0)
+    return _save(AutoModelForCausalLM.from_config(config), tokenizer, path)
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama", {}),
+    # kept old 0, 2, 5: full, full, sliding; two of them below the old threshold 3
+    ("qwen2", {"layer_types": ["full_attention", "full_attention", "sliding_attention"],
+               "max_window_layers": 2}),
+    ("gemma3", {"layer_types": ["sliding_attention", "full_attention", "full_attention"]}),
+])
+def test_non_contiguous_surgery_equals_in_memory_save(family, expected, tokenizer, tmp_path):
+    src = _six_layer_model(family, tokenizer, tmp_path / "src")
+    drop, keep = [1, 3, 4], [0, 2, 5]
+    ours, saved, expected_logits = _both_ways(src, drop, tmp_path)
+    _assert_same_checkpoint(ours, saved)
+    config = json.loads((ours / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    assert {k: config[k] for k in expected} == expected
+    # each new layer j holds old layer keep[j]'s tensors, by name (independent of surgery's
+    # renumbering), and nothing of the dropped ones
+    source, pruned = _tensors(Path(src)), _tensors(ours)
+    for name, tensor in source.items():
+        if name.startswith("model.layers."):
+            old, rest = name.removeprefix("model.layers.").split(".", 1)
+            if int(old) in keep:
+                assert torch.equal(pruned[f"model.layers.{keep.index(int(old))}.{rest}"], tensor)
+        else:
+            assert torch.equal(pruned[name], tensor)
+    dropped = [n for n in source if n.startswith(tuple(f"model.layers.{i}." for i in drop))]
+    assert dropped and len(pruned) == len(source) - len(dropped)
+    reloaded = AutoModelForCausalLM.from_pretrained(ours).eval()
+    torch.testing.assert_close(_logits(reloaded), expected_logits, atol=0, rtol=0)
+    assert "with layers 1,3-4 removed" in (ours / "README.md").read_text()
