@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.report import MEASURED_COLUMNS
+
 
 @contextlib.contextmanager
 def fresh_cache(path: Path) -> Iterator[None]:
@@ -115,6 +117,33 @@ def heal_resumed_from(root: str) -> list:
             for stage, key in _manifests(store) if stage == "heal"]
 
 
+# Measured, not computed (how long a heal took, its peak memory): an independent store measures
+# its own, so they are left out of every comparison; every other column must be equal.
+COST_COLUMNS = MEASURED_COLUMNS
+
+
+def without_columns(table: str | None, columns=COST_COLUMNS) -> str | None:
+    """A printed results table (pandas `to_string`, right-aligned under its one-word column
+    names) with the named columns cut out of every row above the `base model:` line."""
+    if table is None:
+        return None
+    lines = table.split("\n")
+    header = lines[0]
+    spans, start = [], 0
+    for name in header.split():
+        end = header.index(name, start) + len(name)
+        if name in columns:
+            spans.append((start, end))
+        start = end
+    cut = []
+    for line in lines:
+        if not line.startswith("base model:"):
+            for a, b in reversed(spans):
+                line = line[:a] + line[b:]
+        cut.append(line)
+    return "\n".join(cut)
+
+
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -125,7 +154,7 @@ def compare(reference: dict, other: dict, label: str) -> list[str]:
     """Every difference of `other` from the undisturbed `reference` (both `inspect_store`
     results): table cells, base metrics, stored stage keys.
 
-    Exact, every column: on CPU with one thread the kernels are deterministic, healing is
+    Exact, every column but the measured costs (COST_COLUMNS): on CPU with one thread the kernels are deterministic, healing is
     seeded and a resume restores the Trainer's RNG and data order, and the flow rounds metrics
     to 4 decimals; so any difference is a bug, not noise."""
     out = []
@@ -135,7 +164,7 @@ def compare(reference: dict, other: dict, label: str) -> list[str]:
     if len(ref["rows"]) != len(got["rows"]):
         out.append(f"{label}: {len(got['rows'])} rows, undisturbed {len(ref['rows'])}")
     for r, g in zip(ref["rows"], got["rows"]):
-        for col in sorted(set(r) | set(g)):
+        for col in sorted((set(r) | set(g)) - set(COST_COLUMNS)):
             if not _same(r.get(col), g.get(col)):
                 out.append(f"{label}: {r.get('variant')} {col}: {g.get(col)!r}, "
                            f"undisturbed {r.get(col)!r}")
