@@ -319,3 +319,28 @@ def _check_pruned_checkpoint(model: str) -> None:
                               f"{len(removed)}, but the checkpoint's config has {layers}: "
                               "prune.json does not belong to these weights")
     check_tokenizer(model)
+
+
+def speed(model: str, drop: list[int], out: str, batch: int = 4, prefill_tokens: int = 128,
+          decode_tokens: int = 64, repeats: int = 5, **placement) -> dict:
+    """Write `out/speed.json`: the inference cost of the model without layers `drop` against
+    the model itself, one load, timed alternately (`layerprune.speed.measure`), with "model"
+    added to its settings. `placement`: how the model is held (`model_spec`)."""
+    from layerprune import speed as speed_mod
+    from layerprune.models import context_length, read_config
+
+    check_output_dir(out)
+    spec = model_spec(model, placement)
+    speed_mod.check_sizes(batch, prefill_tokens, decode_tokens, repeats)
+    layers = check_architecture(spec.ref, spec.trust_remote_code, spec.revision)
+    drop = speed_mod.check_drop(drop, layers)
+    speed_mod.check_context(prefill_tokens, decode_tokens, context_length(
+        read_config(spec.ref, spec.trust_remote_code, spec.revision)))
+    _check_model(spec)
+    loaded = _load(spec)
+    doc = speed_mod.measure(loaded.model, loaded.tokenizer, drop, batch, prefill_tokens,
+                            decode_tokens, repeats)
+    doc["settings"]["model"] = model
+    with atomic_output_dir(out) as tmp:
+        write_json_atomic(tmp / speed_mod.SPEED_FILE, doc)
+    return doc

@@ -212,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, samples_required=False)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("speed", help="params, memory, prefill and decode tokens/s of the model "
+                       "without some layers against the model itself")
+    _model_args(p)
+    p.add_argument("--drop", required=True, type=_layer_list,
+                   help="the layers the variant lacks, e.g. 12-17 or 3,7,9")
+    p.add_argument("--batch", type=int, default=4,
+                   help="rows of the prefill and of the batched decode (default 4)")
+    p.add_argument("--prefill-tokens", type=int, default=128, help="tokens per prefill row")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens generated")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed calls per side, alternating; medians (default 5)")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("gc", help="remove what killed or abandoned runs left in an artifact store")
     p.add_argument("--store", required=True, help="artifact store root: a directory or s3://...")
     p.add_argument("--older-than", required=True,
@@ -264,6 +277,12 @@ def run(args: argparse.Namespace) -> dict:
                         seq_len=args.seq_len, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, save_every=args.save_every,
                         quant=not args.no_quant, device_map=args.device_map, **given)
+    if args.command == "speed":
+        doc = api.speed(args.model, args.drop, args.out, args.batch, args.prefill_tokens,
+                        args.decode_tokens, args.repeats, **_placement(args))
+        return {"out": args.out, "speedup": doc["speedup"],
+                **{side: {k: v for k, v in doc[side].items() if k != "seconds"}
+                   for side in ("base", "variant")}}
     if args.command == "loss":
         return api.loss(args.model, args.data, args.seq_len, args.out, args.samples,
                         args.batch_size, args.text_field, **_placement(args))
