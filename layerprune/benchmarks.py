@@ -2,10 +2,16 @@
 
 The paper (Gromov et al. 2024) plots MMLU (5-shot), BoolQ (0-shot) and next-token loss against
 the fraction of layers dropped; ARC, HellaSwag, PIQA and WinoGrande are there for a wider look.
+Depth pruning hurts generation and knowledge recall more than multiple-choice scores show, so
+the generative tasks TriviaQA and NQ-Open (offline) and GSM8K (online only) are there too.
 
 - Multiple-choice tasks run through EleutherAI's lm-evaluation-harness with its stock prompts and
   metrics. Offline (the default) they read local copies of the data (`layerprune.lm_eval_tasks`);
   online (`offline=False`, or env `LAYERPRUNE_EVAL_ONLINE=1`) the stock tasks download their own.
+- Generative tasks (trivia_qa, nq_open, gsm8k) are lm-eval's stock `generate_until` tasks: greedy
+  generation until the stock stop strings (or lm-eval's max_gen_toks, 256 tokens), scored by the
+  stock filters and `exact_match`. GSM8K ships no offline data: asking for it offline fails
+  before any model work. On a CPU they generate one item at a time (see `_run_harness`).
 - `limit=N` scores the first N items of each lm-eval task, the same items every run. For MMLU the
   limit applies per subject, as lm-eval applies it to every task of a group: limit=1 scores 57
   questions. MMLU's value is lm-eval's group accuracy, weighted by each subject's item count.
@@ -18,7 +24,11 @@ the fraction of layers dropped; ARC, HellaSwag, PIQA and WinoGrande are there fo
 Every result is `{"value", "stderr", "n", "metric", "baseline", ...}` where `baseline` is what a
 model with no knowledge scores: the mean of 1/(number of choices) over the scored items for
 multiple choice; for BoolQ the majority-class rate of the scored items (always answering the
-commoner answer); for loss ln(vocabulary size), the loss of a uniform prediction.
+commoner answer); 0 for exact match (a model that knows nothing matches no answer); for loss
+ln(vocabulary size), the loss of a uniform prediction. `stderr` is lm-eval's standard error of
+the item mean (for loss: over records, `layerprune.loss.ratio_stderr`); `items_for_stderr`
+turns a target standard error into an item limit. Generative results add `examples`: the first
+EXAMPLES items' question, scored answer, target(s) and exact match.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class TaskInfo:
     shots: int      # default number of few-shot examples
     metric: str     # the headline metric ("value"); acc_norm is reported too where lm-eval has it
     stock: str      # lm-eval's stock task (or group) name, used online
+    filter: str = "none"  # the stock filter whose output the headline metric scores
 
 
 # acc_norm (log-likelihood per byte of the answer) heads the tasks whose answers are free text of
@@ -61,8 +72,24 @@ TASKS: dict[str, TaskInfo] = {
     "hellaswag": TaskInfo(0, "acc_norm", "hellaswag"),
     "piqa": TaskInfo(0, "acc_norm", "piqa"),
     "winogrande": TaskInfo(0, "acc", "winogrande"),
+    # Generative, 0-shot as stock; the stock filter strips the whitespace around the answer
+    # and keeps the first generation. GSM8K: 5-shot as stock, scored on the strict
+    # "#### <number>" answer (its second filter, flexible-extract, takes any last number).
+    "trivia_qa": TaskInfo(0, "exact_match", "triviaqa", "remove_whitespace"),
+    "nq_open": TaskInfo(0, "exact_match", "nq_open", "remove_whitespace"),
+    "gsm8k": TaskInfo(5, "exact_match", "gsm8k", "strict-match"),
     "loss": TaskInfo(0, "loss", ""),
 }
+# MMLU's subjects: a limit applies to each (lm-eval limits every task of a group).
+MMLU_SUBJECTS = 57
+# Generative results carry the first few items' answers (the filtered generation that was
+# scored), enough to see what a pruned model says without bloating metrics.json.
+EXAMPLES = 5
+
+
+def generative(task: str) -> bool:
+    """Whether `task` generates free text (scored by exact match) rather than scoring choices."""
+    return TASKS[task].metric == "exact_match"
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
@@ -82,9 +109,37 @@ def check_limit(limit: int | None, name: str = "limit") -> None:
                               f"(all items), got {limit!r}")
 
 
-def check_args(tasks: list[str], limit: int | None = None, shots: int | None = None,
-               batch_size: int = 8, loss_data: str | None = None, loss_seq_len: int = 256,
-               loss_samples: int | None = None) -> list[str]:
+def check_target_stderr(target_stderr: float) -> None:
+    # 0.5 is the largest stderr a 0/1 score can have, with a single item: no target above it.
+    if (isinstance(target_stderr, bool) or not isinstance(target_stderr, (int, float))
+            or not 0 < target_stderr < 0.5):
+        raise LayerPruneError(f"target_stderr must be a number in (0, 0.5), e.g. 0.02 for "
+                              f"±2 points; got {target_stderr!r}")
+
+
+def items_for_stderr(task: str, target_stderr: float) -> int:
+    """The lm-eval `limit` that keeps `task`'s standard error at most `target_stderr`.
+
+    A score that is a mean of 0/1 items (accuracy, exact match) has stderr sqrt(p(1-p)/n), at
+    most 0.5/sqrt(n) (p = 0.5), so n = ceil(0.25 / target^2) items guarantee the target whatever
+    the model scores: 0.02 (±2 points) -> 625 items. For MMLU the limit applies per subject:
+    ceil(n / 57) each. lm-eval's stderr uses the n-1 sample variance, larger by at most
+    sqrt(n/(n-1)) (0.08% at n = 625). A task with fewer items than this scores them all
+    (MMLU's smallest subject has 100 test questions: the per-subject limit holds up to 5,700).
+    """
+    check_target_stderr(target_stderr)
+    if task not in TASKS or task == "loss":
+        raise LayerPruneError(f"target_stderr sets items of the benchmark tasks "
+                              f"{[t for t in TASKS if t != 'loss']}, not {task!r} (the loss "
+                              "task reads its records from loss_samples)")
+    items = math.ceil(0.25 / target_stderr**2)
+    return math.ceil(items / MMLU_SUBJECTS) if task == "mmlu" else items
+
+
+def check_args(tasks: list[str], limit: int | dict[str, int | None] | None = None,
+               shots: int | None = None, batch_size: int = 8, loss_data: str | None = None,
+               loss_seq_len: int = 256, loss_samples: int | None = None,
+               offline: bool | None = None) -> list[str]:
     """Every check `evaluate` makes, cheap and before any model work. Returns the task list."""
     tasks = check_tasks(tasks)
     harness = [t for t in tasks if t != "loss"]
@@ -92,7 +147,24 @@ def check_args(tasks: list[str], limit: int | None = None, shots: int | None = N
         raise LayerPruneError(f"tasks: {harness} need lm-evaluation-harness, which is not "
                               "installed: pip install 'prune-and-heal[eval]' (or ask for 'loss' "
                               "only)")
-    check_limit(limit)
+    if offline is None:
+        offline = not _env_flag(ONLINE_ENV)
+    from layerprune.lm_eval_tasks import OFFLINE_TASKS
+
+    online_only = [t for t in harness if t not in OFFLINE_TASKS]
+    if offline and online_only:
+        raise LayerPruneError(f"tasks: {online_only} have no offline copy (no bundled data); "
+                              f"set {ONLINE_ENV}=1 to run lm-eval's stock task, which downloads "
+                              "its data from the Hugging Face hub")
+    if isinstance(limit, dict):
+        unknown = [t for t in limit if t not in tasks]
+        if unknown:
+            raise LayerPruneError(f"limit: per-task limits for {unknown}, which are not among "
+                                  f"the tasks {tasks}")
+        for task, task_limit in limit.items():
+            check_limit(task_limit, f"limit of {task}")
+    else:
+        check_limit(limit)
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
         raise LayerPruneError(f"shots must be an integer >= 0 or None (each task's default: "
                               f"{ {t: i.shots for t, i in TASKS.items() if t != 'loss'} }), "
@@ -109,35 +181,40 @@ def check_args(tasks: list[str], limit: int | None = None, shots: int | None = N
     return tasks
 
 
-def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None,
+def evaluate(model, tokenizer, tasks: list[str], limit: int | dict[str, int | None] | None = None,
              shots: int | None = None, batch_size: int = 8, loss_data: str | None = None,
              loss_seq_len: int = 256, loss_samples: int | None = None,
              offline: bool | None = None, loss_text_field: str = "text") -> dict:
     """Evaluate `model` on `tasks`; returns `{task: {"value", "stderr", "n", "metric", ...}}`.
 
-    limit: items per task (per subject for MMLU), the first ones; None = all.
+    limit: items per task (per subject for MMLU), the first ones; None = all. A dict gives each
+        task its own ({task: limit}, e.g. from `items_for_stderr`); tasks it omits score all.
     shots: few-shot examples for every harness task; None = each task's default (MMLU 5, else 0).
-    loss_samples: records of `loss_data` for "loss" (the first ones); None = `limit`, and all
-        records when that is None too. Each record is truncated to its first `loss_seq_len` tokens.
+    loss_samples: records of `loss_data` for "loss" (the first ones); None = the loss task's
+        limit, and all records when that is None too. Each record is truncated to its first
+        `loss_seq_len` tokens.
     offline: None = offline unless env LAYERPRUNE_EVAL_ONLINE=1.
     """
-    tasks = check_args(tasks, limit, shots, batch_size, loss_data, loss_seq_len, loss_samples)
     if offline is None:
         offline = not _env_flag(ONLINE_ENV)
+    tasks = check_args(tasks, limit, shots, batch_size, loss_data, loss_seq_len, loss_samples,
+                       offline)
+    limits = limit if isinstance(limit, dict) else {t: limit for t in tasks}
     results: dict[str, dict] = {}
     harness = [t for t in tasks if t != "loss"]
     was_training = model.training
     model.eval()  # no dropout while scoring; the caller's mode is restored below
     try:
         if harness:
-            results.update(_run_harness(model, tokenizer, harness, limit, shots, batch_size,
+            results.update(_run_harness(model, tokenizer, harness,
+                                        {t: limits.get(t) for t in harness}, shots, batch_size,
                                         offline))
         if "loss" in tasks:
             from layerprune.loss import loss_metrics
 
             results["loss"] = loss_metrics(model, tokenizer, loss_data or DEFAULT_LOSS_DATA,
-                                           loss_seq_len, loss_samples or limit, batch_size,
-                                           loss_text_field)
+                                           loss_seq_len, loss_samples or limits.get("loss"),
+                                           batch_size, loss_text_field)
     finally:
         model.train(was_training)
     return {t: results[t] for t in tasks}
@@ -156,12 +233,13 @@ def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- lm-eval tasks
 
-def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: int | None,
-                 batch_size: int, offline: bool) -> dict[str, dict]:
+def _run_harness(model, tokenizer, tasks: list[str], limits: dict[str, int | None],
+                 shots: int | None, batch_size: int, offline: bool) -> dict[str, dict]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from layerprune.placement import input_device
     from layerprune.scoring import SharedPrefixHFLM
 
     if offline:
@@ -176,16 +254,25 @@ def _run_harness(model, tokenizer, tasks: list[str], limit: int | None, shots: i
         names = {t: TASKS[t].stock for t in tasks}
     # HFLM sets a pad token on tokenizers that lack one: give it a copy, not the caller's.
     lm_class = HFLM if _env_flag(STOCK_HFLM_ENV) else SharedPrefixHFLM
-    # simple_evaluate takes one num_fewshot for all its tasks: one call per distinct shot count.
-    by_shots: dict[int, list[str]] = defaultdict(list)
+    # lm-eval decodes a batch until its longest answer stops (up to max_gen_toks = 256 tokens).
+    # On a CPU that wait costs more than batching saves: 20 items of SmolLM2 (1 thread) took
+    # 84 s (TriviaQA) and 58 s (NQ-Open) at batch 8, 8.5 s and 17 s at batch 1.
+    cpu = input_device(model).type == "cpu"
+    sizes = {t: 1 if cpu and generative(t) else batch_size for t in tasks}
+    # simple_evaluate takes one num_fewshot and one limit for all its tasks: one call per
+    # distinct (shots, limit, batch size).
+    by_call: dict[tuple[int, int | None, int], list[str]] = defaultdict(list)
     for t in tasks:
-        by_shots[TASKS[t].shots if shots is None else shots].append(t)
-    out = {}
+        by_call[(TASKS[t].shots if shots is None else shots, limits[t], sizes[t])].append(t)
+    out, lms = {}, {}
     with _quiet_harness():
-        lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        for k, group in by_shots.items():
-            res = simple_evaluate(model=lm, tasks=[names[t] for t in group], num_fewshot=k,
-                                  limit=limit, task_manager=manager, log_samples=True)
+        for (k, limit, size), group in by_call.items():
+            if size not in lms:
+                lms[size] = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+                                     batch_size=size)
+            res = simple_evaluate(model=lms[size], tasks=[names[t] for t in group],
+                                  num_fewshot=k, limit=limit, task_manager=manager,
+                                  log_samples=True)
             for t in group:
                 out[t] = _summarise(t, names[t], res, k)
     return out
@@ -225,10 +312,15 @@ def _summarise(task: str, name: str, res: dict, shots: int) -> dict:
     """One task's (or group's) entry from simple_evaluate's results."""
     row = res["results"][name]
     leaves = _leaf_tasks(res, name)
-    samples = [s for leaf in leaves for s in res["samples"][leaf]]
-    metric = TASKS[task].metric
-    stderr = _num(row.get(f"{metric}_stderr,none"))
-    out = {"value": _num(row.get(f"{metric},none")),
+    info = TASKS[task]
+    metric, key = info.metric, f"{info.metric},{info.filter}"
+    if key not in row:  # a stock task whose filter or metric names changed: never a silent None
+        raise RuntimeError(f"lm-eval reported no {key!r} for {name}; it reported {sorted(row)}")
+    # One logged sample per item and filter (GSM8K has two filters): keep the headline's.
+    samples = [s for leaf in leaves for s in res["samples"][leaf]
+               if s.get("filter", "none") == info.filter]
+    stderr = _num(row.get(f"{metric}_stderr,{info.filter}"))
+    out = {"value": _num(row[key]),
            "stderr": _stderr(samples, metric) if stderr is None else stderr,
            "n": sum(int(res["n-samples"][leaf]["effective"]) for leaf in leaves),
            "metric": metric, "baseline": _baseline(task, samples), "shots": shots}
@@ -236,6 +328,10 @@ def _summarise(task: str, name: str, res: dict, shots: int) -> dict:
         if extra != metric and f"{extra},none" in row:
             out[extra] = _num(row[f"{extra},none"])
             out[f"{extra}_stderr"] = _num(row.get(f"{extra}_stderr,none"))
+    if generative(task):  # what the model said, for a person to read
+        out["examples"] = [{"question": s["doc"].get("question"), "answer": s["filtered_resps"][0],
+                            "target": s["target"], "exact_match": _num(s["exact_match"])}
+                           for s in sorted(samples, key=lambda s: s["doc_id"])[:EXAMPLES]]
     if len(leaves) > 1:  # MMLU: per-subject accuracy, under stock names without our prefix
         out["subtasks"] = {leaf.split("mmlu_", 1)[-1]: _num(res["results"][leaf].get("acc,none"))
                            for leaf in leaves}
@@ -253,6 +349,8 @@ def _leaf_tasks(res: dict, name: str) -> list[str]:
 def _baseline(task: str, samples: list[dict]) -> float | None:
     if not samples:
         return None
+    if generative(task):  # knowing nothing, no generated answer matches
+        return 0.0
     if task == "boolq":  # always answering the commoner answer of the scored items
         return max(Counter(int(s["target"]) for s in samples).values()) / len(samples)
     # One loglikelihood request per choice: a blind guess is right 1/choices of the time.

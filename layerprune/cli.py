@@ -159,13 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--tasks", required=True, type=lambda s: [t for t in s.split(",") if t],
                    help="comma-separated: loss, mmlu, boolq, arc_easy, arc_challenge, "
-                        "hellaswag, piqa, winogrande")
+                        "hellaswag, piqa, winogrande, trivia_qa, nq_open (generative), gsm8k "
+                        "(online only: LAYERPRUNE_EVAL_ONLINE=1)")
     p.add_argument("--data", default=None, help="text for the loss task "
                    "(default bundled:wiki-heldout)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per loss record")
     p.add_argument("--samples", type=int, default=None, help="loss records (default: --limit)")
     p.add_argument("--limit", type=int, default=None,
                    help="items per task, the first N (per subject for MMLU)")
+    p.add_argument("--target-stderr", type=float, default=None,
+                   help="instead of --limit: as many items per task as keep its standard "
+                        "error at most this (0.02 = ±2 points: 625 items, 11 per MMLU subject)")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot examples (default: MMLU 5, others 0)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -266,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "eval":
         return api.evaluate(args.model, args.tasks, args.out, args.data, args.seq_len,
                             args.limit, args.shots, args.samples, args.batch_size,
-                            **_placement(args))
+                            target_stderr=args.target_stderr, **_placement(args))
     if args.command == "heal":
         # Options left unset keep HealConfig's defaults.
         given = {k: getattr(args, k) for k in ("linear_samples", "temperature", "kl_weight",

@@ -166,7 +166,7 @@ class PruneSpec(_Spec):
 # lm-eval tasks (layerprune.benchmarks.TASKS but "loss", which is always measured); an enum on
 # the dict's keys, so the schema (propertyNames) refuses an unknown task at submission.
 BenchmarkTask = Literal["mmlu", "boolq", "arc_easy", "arc_challenge", "hellaswag", "piqa",
-                        "winogrande"]
+                        "winogrande", "trivia_qa", "nq_open", "gsm8k"]
 
 
 class BenchmarkSpec(_Spec):
@@ -175,7 +175,13 @@ class BenchmarkSpec(_Spec):
     tasks: dict[BenchmarkTask, ItemLimit | None] = Field(
         default_factory=lambda: {"mmlu": 1, "boolq": 40},
         description="task -> items scored (the first N; per subject for MMLU; null = all). "
-                    "Tasks: mmlu, boolq, arc_easy, arc_challenge, hellaswag, piqa, winogrande")
+                    "Tasks: mmlu, boolq, arc_easy, arc_challenge, hellaswag, piqa, winogrande, "
+                    "trivia_qa, nq_open (generative, exact match), gsm8k (online only)")
+    target_stderr: float | None = Field(
+        None, gt=0, lt=0.5,
+        description="sets the items of every task from this standard error (0.02 = ±2 points) "
+                    "instead of the limits in `tasks`: 625 items at 0.02, 11 per MMLU subject "
+                    "(layerprune.benchmarks.items_for_stderr); null: the limits in `tasks`")
     shots: int | None = Field(None, ge=0, description="few-shot examples; null = each task's "
                               "default (MMLU 5 as in the paper, others 0)")
     block_sizes: list[BlockSize] | None = Field(
@@ -195,6 +201,14 @@ class BenchmarkSpec(_Spec):
         for limit in v.values():
             check_limit(limit)
         return v
+
+    def limits(self) -> dict[str, int | None]:
+        """Each task's item limit: from `target_stderr` when set, else the values of `tasks`."""
+        if self.target_stderr is None:
+            return dict(self.tasks)
+        from layerprune.benchmarks import items_for_stderr
+
+        return {task: items_for_stderr(task, self.target_stderr) for task in self.tasks}
 
 
 class HealSpec(_Spec):
@@ -264,8 +278,28 @@ class ExtractionSpec(_Spec):
         return v
 
 
+class SpeedSpec(_Spec):
+    """The inference cost of every variant (`layerprune.speed.measure`), on the run's device:
+    the base model and the variant timed alternately, medians of `repeats` rounds."""
+
+    # The defaults are sized for the demo on a CPU, where each timed call of a variant costs
+    # about a second: SmolLM2 at these settings takes ~10 s per variant (1 thread). On a GPU,
+    # raise batch and the token counts for figures that say something about serving.
+    enabled: bool = Field(True, description="measure prefill/decode tokens per second, weight "
+                          "bytes and peak memory of every variant against the base model")
+    batch: int = Field(1, ge=1, le=4096, description="rows of the prefill pass and of the "
+                       "batched decode (decode is also timed at batch 1)")
+    prefill_tokens: int = Field(64, ge=1, le=131_072, description="tokens per row of the "
+                                "timed prefill pass (at most the model's context)")
+    decode_tokens: int = Field(16, ge=1, le=131_072, description="greedy tokens generated per "
+                               "timed decode call, with the KV cache")
+    repeats: int = Field(3, ge=1, le=100, description="timed rounds of base and variant, "
+                         "alternately, after one warm-up round; each figure is their median")
+
+
 # The stages of tasks/ (their STAGE names), for `refresh`.
-StageName = Literal["calibration", "hidden_states", "distances", "prune", "eval", "heal", "report"]
+StageName = Literal["calibration", "hidden_states", "distances", "prune", "eval", "heal",
+                    "speed", "report"]
 
 
 class PruneAndHealParams(_Spec):
@@ -277,6 +311,7 @@ class PruneAndHealParams(_Spec):
     loss: LossSpec = Field(default_factory=LossSpec)
     benchmarks: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     heal: HealSpec = Field(default_factory=HealSpec)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
     artifacts: str = Field(default_factory=default_artifacts_root, min_length=1, pattern=r"\S",
@@ -330,6 +365,7 @@ class SweepParams(_Spec):
     # model's own block sizes: a size a model does not have is skipped for that model.
     benchmarks: BenchmarkSpec = Field(default_factory=lambda: BenchmarkSpec(block_sizes=None))
     heal: HealSpec = Field(default_factory=lambda: HealSpec(enabled=False))
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass")
     deployment: str = Field("prune-and-heal/default", pattern=r"^[^/\s]+/[^/\s]+$",
                             description="FLOW/DEPLOYMENT that runs one model")
@@ -355,6 +391,15 @@ class SweepParams(_Spec):
     @classmethod
     def _unique_models(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _every_variant_unless_told(cls, v):
+        # A sweep's `benchmarks` given without block_sizes still benchmarks every variant, as
+        # the sweep's default does; BenchmarkSpec's own default (n = 6 only) is for one model.
+        if isinstance(v, dict) and "block_sizes" not in v:
+            return {**v, "block_sizes": None}
+        return v
 
     @model_validator(mode="after")
     def _gpu_counts_name_models(self) -> SweepParams:
@@ -397,4 +442,5 @@ class SweepParams(_Spec):
                             quantization=self.quantization),
             calibration=self.calibration, loss=self.loss,
             prune=PruneSpec(block_sizes=block_sizes, strategies=self.strategies),
-            benchmarks=bench, heal=heal, batch_size=self.batch_size, artifacts=self.artifacts)
+            benchmarks=bench, heal=heal, speed=self.speed, batch_size=self.batch_size,
+            artifacts=self.artifacts)

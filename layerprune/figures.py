@@ -1,6 +1,6 @@
-"""Figures in the style of the paper: the distance heatmap (Fig. 1c) and metric curves (Fig. 1d),
-the healing runs' train-loss curves, and the block choice's stability under the calibration
-sample.
+"""Figures in the style of the paper: the distance heatmap (Fig. 1c) and metric curves (Fig. 1d)
+with error bars, the healing runs' train-loss curves, and the block choice's stability under the
+calibration sample. The per-model trade-off picture is layerprune/tradeoff.py.
 
 Written with matplotlib's Agg backend to PNG, atomically, so they work on headless workers.
 """
@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Write `fig` to `path` as a PNG atomically (a temp file, then a rename) and close it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -46,7 +47,18 @@ def distance_heatmap(distance: list[list[float]], path: str | Path, title: str =
     ax.set_title(title or "angular distance d(x^(l), x^(l+n))")
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(im, ax=ax, label="shifted rescaled angular distance")
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def error_bar(row: dict, metric: str) -> float | None:
+    """A point's error bar: `<metric>_sd` where the row has one (the random baseline's spread
+    over its blocks, which includes the sampling error of each), else `<metric>_stderr` (the
+    standard error of the items' mean); None where neither is known (one item has none)."""
+    for key in (f"{metric}_sd", f"{metric}_stderr"):
+        value = row.get(key)
+        if value is not None and np.isfinite(value):
+            return float(value)
+    return None
 
 
 def metric_curves(rows: list[dict], path: str | Path, metrics: list[str],
@@ -54,28 +66,32 @@ def metric_curves(rows: list[dict], path: str | Path, metrics: list[str],
     """One panel per metric: value against the fraction of layers dropped, a line per variant.
 
     `rows` are dicts with keys `fraction`, `variant` (e.g. "similarity", "heuristic, lora") and
-    one key per metric, optionally `<metric>_sd` (drawn as an error bar: the random baseline's
-    spread); `base` holds the unpruned model's values, drawn as reference lines.
+    one key per metric; each point's error bar is `error_bar` (sd, else stderr). `base` holds the
+    unpruned model's values, drawn as reference lines with a band of ± its `<metric>_stderr`.
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     variants = sorted({r["variant"] for r in rows})
     for ax, metric in zip(axes[0], metrics):
         for variant in variants:
-            pts = sorted((r["fraction"], r[metric], r.get(f"{metric}_sd") or 0.0) for r in rows
+            pts = sorted((r["fraction"], r[metric], error_bar(r, metric) or 0.0) for r in rows
                          if r["variant"] == variant and r.get(metric) is not None)
             if pts:
-                x, y, sd = zip(*pts)
-                ax.errorbar(x, y, yerr=sd if any(sd) else None, marker="o", capsize=3,
+                x, y, err = zip(*pts)
+                ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3,
                             label=variant)
         if base and base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
+            err = error_bar(base, metric)
+            if err:
+                ax.axhspan(base[metric] - err, base[metric] + err, color="grey", alpha=0.15,
+                           label="base ± stderr")
         ax.set_xlabel("fraction of layers dropped")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def train_loss_curves(curves: dict[str, list[dict]], path: str | Path,
@@ -90,7 +106,7 @@ def train_loss_curves(curves: dict[str, list[dict]], path: str | Path,
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def stability_chart(stability: dict, distance: list[list[float]], path: str | Path,
@@ -156,4 +172,4 @@ def stability_chart(stability: dict, distance: list[list[float]], path: str | Pa
     side.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)

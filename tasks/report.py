@@ -4,9 +4,12 @@ One row per variant: a strategy's choice at block size n ("similarity"), the ran
 mean ± sd over its blocks ("random", with `<metric>_sd` columns), and each healed variant
 ("similarity, lora"), whose row says how much of the loss gap its method closed:
 100 * (pruned loss - healed loss) / (pruned loss - base loss), beside the tokens it trained on,
-its seconds and its peak memory. Figures are embedded in the markdown artifact as data URIs, so
-the Prefect UI shows them whatever the artifact store is (a local path or an S3 URL would not
-render in a browser).
+its seconds and its peak memory. Each variant row also carries its speed and memory
+(tasks/speed.py; a healed row its unhealed variant's) and each metric's standard error
+(`<metric>_stderr`), drawn as error bars; the trade-off picture (layerprune/tradeoff.py) sets
+quality against decode speedup and memory saved. Figures are embedded in the markdown artifact
+as data URIs, so the Prefect UI shows them whatever the artifact store is (a local path or an S3
+URL would not render in a browser).
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from layerprune.distances import HEATMAP_FILE
 from layerprune.stability import STABILITY_FIGURE
 from layerprune.figures import metric_curves, train_loss_curves
 from layerprune.prune import describe_layers
+from layerprune.tradeoff import pareto_best, tradeoff_figure
 from tasks.common import run_stage, stage_files, stage_task
+from tasks.speed import COLUMNS as SPEED_COLUMNS
 
-STAGE, VERSION = "report", 3
+STAGE, VERSION = "report", 4
 HEALING_FIGURE = "healing_curves.png"
-# Measured, not computed: two computations of the same heal differ in these (and only these).
-MEASURED_COLUMNS = ("heal_seconds", "heal_peak_memory_mb")
+TRADEOFF_FIGURE = "tradeoff.png"
+# Measured, not computed: two computations of the same heal or of the same variant's speed
+# differ in these (and only these).
+MEASURED_COLUMNS = ("heal_seconds", "heal_peak_memory_mb", *SPEED_COLUMNS)
 # The comparison of healing methods, in the order a reader wants it.
 HEALING_COLUMNS = ["strategy", "n", "heal_method", "pruned_loss", "loss", "loss_gap_closed_pct",
                    "heal_tokens", "fit_tokens", "heal_seconds", "heal_peak_memory_mb"]
@@ -46,7 +53,9 @@ def describe_variant(recipe: dict, variant: str) -> dict:
 
 def random_row(found: list[tuple[dict, dict]]) -> dict:
     """The random baseline at one n: each metric's mean over the k blocks, and its sample
-    standard deviation as `<metric>_sd`; `found` holds (recipe, metrics) per block."""
+    standard deviation as `<metric>_sd`; `found` holds (recipe, metrics) per block. The blocks
+    all have n layers removed: their speed columns are averaged, without a spread, and a
+    metric's `_stderr` is the mean of the blocks' (None unless every block has one)."""
     recipes, metrics = zip(*found)
     row = describe_variant(recipes[0], "random")
     row["removed_layers"] = "; ".join(describe_layers(r["meta"]["removed_layers"])
@@ -54,9 +63,14 @@ def random_row(found: list[tuple[dict, dict]]) -> dict:
     row["block_distance"] = round(float(pd.Series(
         [r["meta"]["block_distance"] for r in recipes]).mean()), 4)
     for key in metrics[0]:
+        if any(m.get(key) is None for m in metrics):  # a stderr that one item could not give
+            row[key] = None
+            continue
         values = pd.Series([m[key] for m in metrics], dtype=float)
         row[key] = round(float(values.mean()), 4)
-        if not key.endswith("_baseline"):
+        if key == "weight_bytes" or key.endswith("_n"):  # counts stay counts
+            row[key] = int(round(values.mean()))
+        if not key.endswith(("_baseline", "_stderr", "_n")) and key not in SPEED_COLUMNS:
             row[f"{key}_sd"] = round(float(values.std(ddof=1)), 4)
     return row
 
@@ -87,17 +101,76 @@ def with_gap_closed(table: pd.DataFrame, base_loss: float) -> pd.DataFrame:
 
 def key_params(model_info: dict, distances: dict, base: dict, rows: list[dict],
                heals: dict[str, dict]) -> dict:
-    # The measured costs come with the heal manifests, which are keyed by `heals`; keying them
-    # again would give two computations of the same heals two reports.
-    return {"model": model_info["fingerprint"], "distances": distances["key"], "base": base,
-            "rows": [{k: v for k, v in r.items() if k not in MEASURED_COLUMNS} for r in rows],
+    # The measured costs come with the heal and speed manifests (heals are keyed by `heals`,
+    # speeds by the rows' removed layers); keying them again would give two computations of
+    # the same heals or speeds two reports.
+    def computed(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in MEASURED_COLUMNS}
+
+    return {"model": model_info["fingerprint"], "distances": distances["key"],
+            "base": computed(base), "rows": [computed(r) for r in rows],
             "heals": {label: m["key"] for label, m in heals.items()}}
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
-    """Metrics to plot: loss, then each benchmark that some variant has (not its baseline)."""
+    """Metrics to plot: loss, then each benchmark that some variant has (not its baseline, its
+    standard error or its item count)."""
     seen = dict.fromkeys(k for r in rows for k in r)
-    return ["loss"] + [k for k in seen if f"{k}_baseline" in seen]
+    return ["loss"] + [k for k in seen if f"{k}_baseline" in seen
+                       and not k.endswith(("_stderr", "_n", "_sd"))]
+
+
+def _plus_minus(value, stderr) -> str:
+    """'0.3158 ± 0.062': the value as stored, its standard error to two significant digits."""
+    return f"{value}" if stderr is None or pd.isna(stderr) else f"{value} ± {stderr:.2g}"
+
+
+def with_error_bars(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for reading: each metric that has a `<metric>_stderr` column shown as
+    'value ± stderr' in one cell (the stderr column dropped); blank where a column does not
+    apply."""
+    out = table.astype(object).where(table.notna(), None)
+    for metric in [c.removesuffix("_stderr") for c in table if c.endswith("_stderr")]:
+        if metric in out:
+            out[metric] = [None if v is None else _plus_minus(v, se)
+                           for v, se in zip(out[metric], out[f"{metric}_stderr"])]
+        out = out.drop(columns=[f"{metric}_stderr"])
+    return out.where(out.notna(), "")
+
+
+def base_line(base: dict) -> str:
+    """The base model's metrics with their error bars, e.g. 'loss **3.19** ± 0.05,
+    bits_per_byte **1.08**, mmlu **0.3158** ± 0.062 (57 items)'."""
+    parts = []
+    for k, v in base.items():
+        if k.endswith(("_baseline", "_stderr", "_n")) or k in SPEED_COLUMNS:
+            continue
+        part = f"{k} **{v}**"
+        if base.get(f"{k}_stderr") is not None:
+            part += f" ± {base[f'{k}_stderr']:.2g}"
+        if base.get(f"{k}_n") is not None:
+            part += f" ({base[f'{k}_n']} items)"
+        parts.append(part)
+    return ", ".join(parts)
+
+
+def tradeoff_text(rows: list[dict], base: dict, metrics: list[str], params) -> str:
+    """What the trade-off figure shows, and its Pareto-best variants per metric by name."""
+    best = []
+    for metric in metrics:
+        names = [f"{r['variant']} n={r['n']}" for r in pareto_best(rows, base, metric)]
+        best.append(f"{metric}: {', '.join(names) or 'none (the base model itself)'}")
+    s = params.speed
+    return (f"Each metric against the decode speedup (top: tokens/s of the variant over the "
+            f"base model's, {s.decode_tokens} greedy tokens at batch 1 on this run's device, "
+            f"median of {s.repeats} alternated rounds) and against the weight bytes saved "
+            "(bottom). Error bars: standard errors (random: the sd over its blocks). A healed "
+            "variant has the layers, and so the speed, of its unhealed one. Base model: decode "
+            f"{base.get('decode_tokens_per_s')} tokens/s, prefill "
+            f"{base.get('prefill_tokens_per_s')} tokens/s ({s.batch} x {s.prefill_tokens} "
+            f"tokens), weights {base.get('weight_bytes', 0) / 1e6:.1f} MB. Pareto-best by "
+            "decode speedup (no other variant, nor the base model, is at least as fast and at "
+            "least as good): " + "; ".join(best) + ".")
 
 
 def _img(path: Path, alt: str) -> str:
@@ -114,7 +187,7 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
     table = pd.DataFrame(rows).sort_values(["n", "variant"]).reset_index(drop=True)
     table["loss_increase"] = (table["loss"] - base_loss).round(4)
     table = with_gap_closed(table, base_loss)
-    for column in ("heal_tokens", "fit_tokens", "heal_peak_memory_mb"):  # counts, where healed
+    for column in ("heal_tokens", "fit_tokens", "heal_peak_memory_mb", "weight_bytes"):  # counts
         if column in table:
             table[column] = table[column].astype("Int64")
     healing = table[table["heal_method"].notna()][
@@ -125,6 +198,9 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
         table.to_parquet(out / "results.parquet", index=False)
         metric_curves(rows, out / "metrics_vs_fraction.png", metrics, base=base,
                       title=model_info["ref"])
+        if "decode_speedup" in table:
+            tradeoff_figure(rows, base, metrics, out / TRADEOFF_FIGURE,
+                            title=f"{model_info['ref']}: quality against speed and memory")
         if heals:
             curves = {label: json.loads((stage_files(store_root, m) / "loss_curve.json")
                                         .read_text()) for label, m in heals.items()}
@@ -137,7 +213,7 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
                          key_params(model_info, distances, base, rows, heals), build)
     report_dir = stage_files(store_root, manifest)
     heatmap = stage_files(store_root, distances) / HEATMAP_FILE
-    shown = table.drop(columns=[c for c in table if c.endswith("_baseline")])
+    shown = table.drop(columns=[c for c in table if c.endswith(("_baseline", "_n"))])
     records = shown.astype(object).where(shown.notna(), None).to_dict(orient="records")
     blank = shown.astype(object).where(shown.notna(), "")  # where a column does not apply
     text = blank.to_string(index=False)
@@ -149,7 +225,7 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
         markdown="\n\n".join([
             f"# prune-and-heal: {model_info['ref']}",
             f"{model_info['num_layers']} layers; base model: "
-            + ", ".join(f"{k} **{v}**" for k, v in base.items() if not k.endswith("_baseline"))
+            + base_line(base)
             + f" (loss on {params.loss.samples} records of `{params.loss.data}`; chance: "
             + ", ".join(f"{k[:-9]} {v}" for k, v in base.items() if k.endswith("_baseline"))
             + f"). Artifacts in `{manifest['uri']}`.",
@@ -163,6 +239,10 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
             _img(stage_files(store_root, distances) / STABILITY_FIGURE, "stability"),
             "## Metrics against the fraction of layers dropped (the paper's Fig. 1d)",
             _img(report_dir / "metrics_vs_fraction.png", "metric curves"),
+            *(["## Quality against speed and memory",
+               tradeoff_text(rows, base, metrics, params),
+               _img(report_dir / TRADEOFF_FIGURE, "trade-off")]
+              if (report_dir / TRADEOFF_FIGURE).exists() else []),
             *(["## Healing methods compared",
                "Each method healed the same pruned model on the same data; the training "
                "methods saw the same number of tokens (`heal_tokens`). Gap closed: 100 x "
@@ -173,7 +253,9 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
                _img(report_dir / HEALING_FIGURE, "healing curves")]
               if (report_dir / HEALING_FIGURE).exists() else []),
             "## Variants",
-            blank.to_markdown(index=False),
+            "Metrics as value ± standard error; random: the mean over its blocks, with the sd "
+            "over them in `<metric>_sd`.",
+            with_error_bars(shown).to_markdown(index=False),
         ]),
     )
     return {"report_uri": manifest["uri"], "table": text, "base": base, "base_loss": base_loss,

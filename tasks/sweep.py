@@ -1,4 +1,5 @@
-"""Prefect tasks of the sweep: plan each model, run it as a deployment, gather one report.
+"""Prefect tasks of the sweep: plan each model, run it as a deployment, gather one report, and
+publish the night on the leaderboard page (layerprune/leaderboard.py).
 
 The per-model work runs as separate flow runs of the `prune-and-heal` deployment on the `gpu`
 work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import datetime
 from pathlib import Path
 
 import fsspec
@@ -21,6 +23,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from layerprune.figures import metric_curves
+from layerprune.leaderboard import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
+                                    night_record)
+from layerprune.leaderboard_figures import can_lose_figure
+from layerprune.leaderboard_page import publish_night
 from layerprune.models import check_architecture
 from layerprune.remote import storage_options_from_env
 from tasks.children import run_child
@@ -122,3 +128,39 @@ def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
                       for c in children),
         ]))
     return {"report_uri": manifest["uri"], "rows": records}
+
+
+def _read_bytes(uri: str) -> bytes | None:
+    try:
+        with fsspec.open(uri, "rb", **storage_options_from_env(uri)) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+@task(name="publish-leaderboard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish_leaderboard(store_root: str, children: list[dict], sweep_report_uri: str,
+                        flow_run_id: str, started: datetime) -> dict:
+    """This sweep's night on the leaderboard (`<store_root>/leaderboard/`): every number as
+    JSON, its figures, and the page rebuilt from every night; also the markdown artifact
+    `leaderboard`. Not a cached stage: a night belongs to one sweep run (named by `started`
+    and the run's id), and a retry of the run rewrites its own night.
+
+    Each model's rows are its run's results.parquet, its base values the run's summary; speed
+    columns a run did not measure read as None."""
+    entries = [model_entry(c["model"], _read_results(c["report_uri"]),
+                           c.get("base") or {"loss": c["base_loss"]}, c["report_uri"])
+               for c in children]
+    night = Leaderboard(store_root).night_for(flow_run_id, started)
+    record = night_record(flow_run_id, night, entries, sweep_report_uri)
+    figures = {LOSE_FIGURE: can_lose_figure(record)}
+    loss_curves = _read_bytes(f"{sweep_report_uri.rstrip('/')}/loss_vs_fraction.png")
+    if loss_curves is not None:
+        figures[LOSS_FIGURE] = loss_curves
+    published = publish_night(store_root, record, figures)
+    create_markdown_artifact(key="leaderboard", markdown=published.pop("markdown"),
+                             description="prune-and-heal nightly leaderboard")
+    get_run_logger().info("leaderboard: %s (%d nights; this one: %s)",
+                          published["leaderboard_uri"], published["nights"],
+                          published["night_uri"])
+    return published

