@@ -120,6 +120,14 @@ def metric_columns(rows: list[dict]) -> list[str]:
                        and not k.endswith(("_stderr", "_n", "_sd"))]
 
 
+def terminal_columns(metrics: list[str]) -> list[str]:
+    """What the run prints (flows/prune_and_heal.py): which variant, its metrics with their
+    error bars, what it gains, what healing did. Every column is in results.parquet and the
+    Prefect artifacts; all of them would not fit a terminal."""
+    return ["variant", "n", "removed_layers", *metrics, "decode_speedup", "bytes_saved_pct",
+            "heal_method", "heal_tokens", "fit_tokens", "loss_gap_closed_pct"]
+
+
 def _plus_minus(value, stderr) -> str:
     """'0.3158 ± 0.062': the value as stored, its standard error to two significant digits."""
     return f"{value}" if stderr is None or pd.isna(stderr) else f"{value} ± {stderr:.2g}"
@@ -215,8 +223,9 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
     heatmap = stage_files(store_root, distances) / HEATMAP_FILE
     shown = table.drop(columns=[c for c in table if c.endswith(("_baseline", "_n"))])
     records = shown.astype(object).where(shown.notna(), None).to_dict(orient="records")
-    blank = shown.astype(object).where(shown.notna(), "")  # where a column does not apply
-    text = blank.to_string(index=False)
+    readable = with_error_bars(shown)
+    text = readable[[c for c in terminal_columns(metrics) if c in readable]].to_string(
+        index=False)
     create_table_artifact(table=records,
                           key="pruned-models", description="Pruned variants and their loss")
     create_markdown_artifact(
@@ -255,7 +264,7 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
             "## Variants",
             "Metrics as value ± standard error; random: the mean over its blocks, with the sd "
             "over them in `<metric>_sd`.",
-            with_error_bars(shown).to_markdown(index=False),
+            readable.to_markdown(index=False),
         ]),
     )
     return {"report_uri": manifest["uri"], "table": text, "base": base, "base_loss": base_loss,

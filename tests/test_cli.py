@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -156,3 +157,27 @@ def test_an_out_that_is_a_file_fails_before_the_model_loads(command, tiny_models
         _fails([args[0], "--model", str(model), *args[1:], "--out", str(out)], capsys,
                "out: ", "is a file")
     assert taken.read_text() == "keep me"
+
+
+def _choices(argv: list[str], capsys) -> list[str]:
+    """The choices argparse offers for the bad value at the end of `argv` (from its error)."""
+    from layerprune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    listed = re.search(r"\(choose from ([^)]*)\)", capsys.readouterr().err).group(1)
+    return [c.strip().strip("'") for c in listed.split(",")]
+
+
+def test_cli_choices_are_the_librarys(capsys):
+    """The parser spells out the choices that the library defines (it imports no torch-heavy
+    module to build itself): a healing method or logits mode added to the library must reach
+    the CLI.
+    Catches a fifth healing method missing from `--method`."""
+    from layerprune.heal import HealConfig
+    from layerprune.heal_validation import METHODS
+
+    heal = ["heal", "--model", "m", "--data", "d", "--out", "o"]
+    assert _choices(heal + ["--method", "bogus"], capsys) == list(METHODS)
+    assert _choices(heal + ["--teacher-logits", "bogus"], capsys) == list(
+        HealConfig.model_fields["teacher_logits"].annotation.__args__)

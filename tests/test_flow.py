@@ -173,6 +173,12 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
     assert rows["heuristic, linear"]["heal_tokens"] == 0 < rows["heuristic, linear"]["fit_tokens"]
     row = rows["similarity"]
     assert 0 <= row["boolq"] <= 1 and row["loss"] > 0 and row["bits_per_byte"] > 0
+    # What the terminal shows: metrics with their error bars, what each variant gains.
+    header, *lines = summary["table"].splitlines()
+    assert header.split() == ["variant", "n", "removed_layers", "loss", "boolq",
+                              "decode_speedup", "bytes_saved_pct", "heal_method",
+                              "heal_tokens", "fit_tokens", "loss_gap_closed_pct"]
+    assert len(lines) == 7 and f"{rows['similarity']['loss']} ± " in summary["table"]
     for m in manifests:  # every listed file is in the committed attempt with its size
         doc = json.loads(m.read_text())
         assert doc["files"] and sorted(p.name for p in m.parent.iterdir()) == \

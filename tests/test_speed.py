@@ -72,6 +72,19 @@ def test_speed_writes_both_sides_and_the_variant_lacks_exactly_the_dropped_layer
     assert settings["model"] == model
 
 
+def _measured_calls(loaded, drop: list[int], **sizes) -> tuple[dict, list[tuple[int, int]]]:
+    """`measure`'s document, and the model's forward calls as runs of (layers, calls in a row):
+    which side ran, and how often, in order."""
+    layers_seen = []
+    hook = loaded.model.register_forward_pre_hook(
+        lambda m, args: layers_seen.append(num_layers(m)))
+    try:
+        doc = measure(loaded.model, loaded.tokenizer, drop, **sizes)
+    finally:
+        hook.remove()
+    return doc, [(layers, len(list(calls))) for layers, calls in groupby(layers_seen)]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
 def test_sides_alternate_and_each_decode_makes_exactly_its_tokens(family, tiny_models):
     loaded = load_model(tiny_models[family], device="cpu")
@@ -79,15 +92,9 @@ def test_sides_alternate_and_each_decode_makes_exactly_its_tokens(family, tiny_m
     # Half the vocabulary ends the text: a greedy run that could stop early would (argmax is
     # even about every other step), so only min_new_tokens keeps the count at decode_tokens.
     model.generation_config.eos_token_id = list(range(0, vocab, 2))
-    layers_seen = []
-    hook = model.register_forward_pre_hook(lambda m, args: layers_seen.append(num_layers(m)))
-    try:
-        doc = measure(model, loaded.tokenizer, [2], batch=2, prefill_tokens=6, decode_tokens=3,
-                      repeats=2)
-    finally:
-        hook.remove()
+    doc, runs = _measured_calls(loaded, [2], batch=2, prefill_tokens=6, decode_tokens=3,
+                                repeats=2)
     # Per side and round: 1 prefill forward + 3 per generate (one per new token) x 2 generates.
-    runs = [(layers, len(list(calls))) for layers, calls in groupby(layers_seen)]
     assert runs == [(4, 7), (3, 7)] * 3  # the warm-up round, then 2 timed rounds
     assert num_layers(model) == 4  # the variant view is undone
     assert doc["base"]["params"] - doc["variant"]["params"] == \
@@ -101,14 +108,8 @@ def test_batch_one_times_the_decode_once_and_reports_it_for_both(tiny_models):
     loaded = load_model(tiny_models["llama"], device="cpu")
     model = loaded.model
     model.generation_config.eos_token_id = None
-    layers_seen = []
-    hook = model.register_forward_pre_hook(lambda m, args: layers_seen.append(num_layers(m)))
-    try:
-        doc = measure(model, loaded.tokenizer, [1], batch=1, prefill_tokens=4, decode_tokens=2,
-                      repeats=1)
-    finally:
-        hook.remove()
-    runs = [(layers, len(list(calls))) for layers, calls in groupby(layers_seen)]
+    doc, runs = _measured_calls(loaded, [1], batch=1, prefill_tokens=4, decode_tokens=2,
+                                repeats=1)
     assert runs == [(4, 3), (3, 3)] * 2  # 1 prefill + 2 decode steps, warm-up + 1 round
     for side in ("base", "variant"):
         assert doc[side]["decode_tokens_per_s_batch"] == doc[side]["decode_tokens_per_s"]

