@@ -16,6 +16,8 @@
 #   PARAMS     a whole SweepParams JSON instead of the settings above (models still from MODELS)
 #   LAYERPRUNE_ARTIFACTS  the store (default artifacts/real-sweep: a second run is cache hits)
 #   SCREENSHOT  where the leaderboard picture goes (default docs/leaderboard.png; empty: none)
+#   DOC        where benchmarks/real_sweep_doc.py writes the tables (default docs/real-sweep.md;
+#              empty: none)
 #   WORK       logs and the server's PREFECT_HOME (default a new /tmp/real-sweep.* directory)
 #   TIMEOUT_S  the most the sweep may take (default 5400 s)
 set -euo pipefail
@@ -185,4 +187,9 @@ elif [ -n "$SCREENSHOT" ]; then
   say "no screenshot (leaderboard page: ${page:-none}; chromium: $(command -v chromium || echo none))"
 fi
 say "times and summary: $WORK/times.json"
+# 7. The page's table and every variant's numbers, read from the store, into docs/.
+if [ "$rc" = 0 ] && [ -n "${DOC-docs/real-sweep.md}" ]; then
+  "$BIN/python" benchmarks/real_sweep_doc.py "$WORK/times.json" "$WORK/params.json" \
+    --out "${DOC-docs/real-sweep.md}" --screenshot "$(basename "${SCREENSHOT:-leaderboard.png}")"
+fi
 exit $rc

@@ -41,7 +41,7 @@ def _fraction(row: dict | None) -> str:
         return NOT_MEASURED
     if not row["variant"]:
         return "0 (none passes)"
-    return f"{row['fraction']:.2f} (n={row['n']})"
+    return f"{row['fraction']:.2f} (n={int(row['n'])})"
 
 
 def _speedup(row: dict | None) -> str:

@@ -39,7 +39,7 @@ from tasks.results import read_run_summary
 pytestmark = pytest.mark.e2e
 BUCKET = "e2e"
 ROOT = f"s3://{BUCKET}/runs"
-STAGES = {"calibration", "hidden_states", "distances", "prune", "eval", "report"}
+STAGES = {"calibration", "hidden_states", "distances", "prune", "eval", "speed", "report"}
 ZOMBIE_AFTER_S = 60  # deploy.sh: runs silent this long after a heartbeat are marked Crashed
 GPU_LEASE_S = 60  # tasks/gpus.py: the shortest lease the server grants
 TEXTS = [f"Record {i}: the quick brown fox jumps over the lazy dog and keeps running." for i in
