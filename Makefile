@@ -97,7 +97,7 @@ deploy: install
 	PREFECT=$(PREFECT) GPU_SLOTS=$(GPU_SLOTS) deployments/deploy.sh
 
 # The real three-model sweep of docs/ (benchmarks/real_sweep.sh: its own Prefect server and
-# workers on 127.0.0.1, CPU, ~25 min on 2 cores). MODELS=SmolLM2-135M-Instruct: a dry run.
+# workers on 127.0.0.1, CPU, ~47 min on 2 cores). MODELS=SmolLM2-135M-Instruct: a dry run.
 REAL_SWEEP_ARTIFACTS ?= $(CURDIR)/artifacts/real-sweep
 .PHONY: real-sweep
 real-sweep: assets
