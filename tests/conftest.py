@@ -81,6 +81,18 @@ def texts_jsonl(tmp_path) -> str:
     return str(path)
 
 
+@pytest.fixture
+def weights_must_not_load(monkeypatch):
+    """For bad-input tests: a tripwire, not a mock. Reaching from_pretrained fails the test,
+    so a check that runs only after the weights started to load is caught."""
+    from transformers import AutoModelForCausalLM
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the weights started to load despite bad input")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", tripwire)
+
+
 @pytest.fixture(scope="session")
 def real_assets() -> None:
     assets.fetch(verbose=False)

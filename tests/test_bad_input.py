@@ -50,16 +50,6 @@ def broken(pruned, tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-@pytest.fixture
-def weights_must_not_load(monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError("the weights started to load despite bad input")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", tripwire)
-
-
 # bitsandbytes logs this once per process, when it is first imported on a CPU without the
 # optional `kernels` package (heal imports it with the Trainer): an environment notice, not
 # part of the error, so it is the one line the tests do not count.

@@ -270,16 +270,6 @@ def test_prune_by_greedy_loss_random_and_explicit_layers(tiny_models, calibratio
     assert "with layers 0,3 removed" in (tmp_path / "listed" / "README.md").read_text()
 
 
-@pytest.fixture
-def weights_must_not_load(monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    def tripwire(*args, **kwargs):
-        raise AssertionError("the weights started to load despite bad input")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", tripwire)
-
-
 @pytest.mark.parametrize("extra, phrase", [
     (["--n", "2", "--strategy", "bogus"], "strategy must be one of similarity, heuristic, "
      "block-influence, greedy-loss, random, got 'bogus'"),
