@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = prune_and_heal(params)
     print(summary["table"])
     # With their standard errors: the demo's samples are small (57 MMLU items: about ±0.06).
-    print("base model: " + base_line(summary["base"]).replace("**", ""))
+    print("base model: " + base_line(summary["base"], markdown=False))
     print(f"\nartifacts: {summary['report_uri']}")
     return 0
 

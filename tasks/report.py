@@ -146,18 +146,19 @@ def with_error_bars(table: pd.DataFrame) -> pd.DataFrame:
     return out.where(out.notna(), "")
 
 
-def base_line(base: dict) -> str:
+def base_line(base: dict, markdown: bool = True) -> str:
     """The base model's metrics with their error bars, e.g. 'loss **3.19** ± 0.05,
-    bits_per_byte **1.08**, mmlu **0.3158** ± 0.062 (57 items)'."""
+    bits_per_byte **1.08**, mmlu **0.3158** ± 0.062 (57 items)' (values bold in markdown)."""
+    bold = "**" if markdown else ""
     parts = []
     for k, v in base.items():
         if k.endswith(("_baseline", "_stderr", "_n")) or k in SPEED_COLUMNS:
             continue
-        part = f"{k} **{v}**"
+        part = f"{k} {bold}{v}{bold}"
         if base.get(f"{k}_stderr") is not None:
             part += f" ± {base[f'{k}_stderr']:.2g}"
         if base.get(f"{k}_n") is not None:
-            part += f" ({base[f'{k}_n']} items)"
+            part += f" ({int(base[f'{k}_n'])} items)"  # a count, even read back as a float
         parts.append(part)
     return ", ".join(parts)
 

@@ -122,6 +122,8 @@ def test_report_shows_values_with_their_error_bars():
     assert list(shown["loss_sd"])[:2] == ["", ""]  # blank where a column does not apply
     line = base_line(BASE)
     assert line == "loss **3.19** ± 0.05, mmlu **0.3158** ± 0.062 (57 items)", line
+    # the terminal's line (the demo prints it): the same, without markdown
+    assert base_line(BASE, markdown=False) == "loss 3.19 ± 0.05, mmlu 0.3158 ± 0.062 (57 items)"
 
 
 def test_random_row_averages_speed_without_a_spread_and_keeps_a_missing_stderr_missing():
