@@ -20,15 +20,15 @@ import fsspec
 import pandas as pd
 
 from layerprune.remote import storage_options_from_env
+from tasks.report import base_line, with_error_bars
 
 VARIANT_COLUMNS = ["variant", "n", "fraction", "removed_layers", "loss", "boolq", "trivia_qa",
                    "nq_open", "mmlu", "decode_speedup", "prefill_speedup", "bytes_saved_pct"]
 
 
-def _cell(value, stderr=None) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return ""
-    return f"{value} ± {stderr:.2g}" if stderr is not None and not pd.isna(stderr) else f"{value}"
+def _blank(value) -> str:
+    """A cell: the value, or nothing where it does not apply."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else f"{value}"
 
 
 def _read_json(uri: str) -> dict:
@@ -47,21 +47,18 @@ def can_lose_table(night: dict) -> str:
                          "healed": "yes" if r["healed"] else "no",
                          "base": r["base"], "bar": round(r["threshold"], 4),
                          "largest fraction kept": r["fraction"], "n": r["n"],
-                         "variant": r["variant"] or "", "value": _cell(r["value"]),
-                         "decode speedup": _cell(r["decode_speedup"]), "note": note})
+                         "variant": r["variant"] or "", "value": _blank(r["value"]),
+                         "decode speedup": _blank(r["decode_speedup"]), "note": note})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
 def variants_table(model: dict) -> str:
-    table = pd.DataFrame(model["rows"]).sort_values(["n", "variant"])
-    shown = pd.DataFrame({c: [_cell(v, se) for v, se in zip(
-        table[c], table.get(f"{c}_stderr", [None] * len(table)))]
-        for c in VARIANT_COLUMNS if c in table})
-    base = model["base"]
-    line = ", ".join(f"{k} {_cell(v, base.get(f'{k}_stderr'))}" for k, v in base.items()
-                     if k in VARIANT_COLUMNS or k in ("decode_tokens_per_s",
-                                                      "prefill_tokens_per_s"))
-    return f"Base model: {line}.\n\n" + shown.to_markdown(index=False)
+    table = with_error_bars(pd.DataFrame(model["rows"]).sort_values(["n", "variant"]))
+    speed = ", ".join(f"{k} {model['base'][k]}" for k in ("decode_tokens_per_s",
+                                                          "prefill_tokens_per_s")
+                      if k in model["base"])
+    return (f"Base model: {base_line(model['base'], markdown=False)}; {speed}.\n\n"
+            + table[[c for c in VARIANT_COLUMNS if c in table]].to_markdown(index=False))
 
 
 def main(argv: list[str] | None = None) -> int:
