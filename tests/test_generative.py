@@ -233,6 +233,8 @@ def test_gsm8k_is_refused_offline_and_maps_to_stock_online(monkeypatch, capsys):
 def test_items_for_stderr(target, task, items):
     got = benchmarks.items_for_stderr(task, target)
     assert got == items
+    # MMLU_SUBJECTS is a constant (config must not need lm-eval): it is the stock subjects' count.
+    assert benchmarks.MMLU_SUBJECTS == len(lm_eval_tasks.mmlu_subjects())
     total = got * (benchmarks.MMLU_SUBJECTS if task == "mmlu" else 1)
     assert 0.5 / math.sqrt(total) <= target + 1e-12  # the worst case p = 0.5 meets the target
     if task != "mmlu":  # and no fewer items would
