@@ -58,11 +58,15 @@ browser:
 	         "tests/test_leaderboard.py will skip its browser checks"; \
 	  fi; }
 
-# OMP_NUM_THREADS=1: with another process busy, torch's default threads ran 100x slower here.
+# lint-imports first: a wrong import fails here with a message that names it (the contracts are
+# in pyproject.toml; docs/architecture.md). OMP_NUM_THREADS=1: with another process busy,
+# torch's default threads ran 100x slower here.
 test: assets browser
+	$(VENV)/bin/lint-imports --no-cache
 	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q
 
 test-fast: install
+	$(VENV)/bin/lint-imports --no-cache
 	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -m "not real and not e2e and not chaos"
 
 bench: assets

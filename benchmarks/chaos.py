@@ -186,7 +186,7 @@ class Stores:
 def _linked_cache(cache: Path) -> Path:
     """A LAYERPRUNE_CACHE whose assets (models, data) link to the user's cache, while its
     downloads from the store and its remote scratch are its own."""
-    from layerprune.assets import cache_dir
+    from layerprune.store.files import cache_dir
 
     shared = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--timeout: {args.timeout} must be > 0 seconds")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    from layerprune import assets
+    from layerprune.models import assets
 
     assets.fetch(ASSETS, verbose=False)  # before any run: the runs' caches link to them
     kinds = ["local", "s3"] if args.store == "both" else [args.store]

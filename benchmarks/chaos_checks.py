@@ -45,7 +45,7 @@ def _manifests(store) -> Iterator[tuple[str, str]]:
 
 
 def _file_problems(store, stage: str, key: str, manifest: dict, files: Path) -> list[str]:
-    from layerprune.io import file_sha256
+    from layerprune.store.files import file_sha256
 
     where, problems = f"{stage}/{key}", []
     for rel, meta in manifest["files"].items():
@@ -78,7 +78,7 @@ def inspect_store(root: str, scratch: Path, cache: Path, check_dir: Path) -> dic
     empty directory for this check's own downloads."""
     import pandas as pd
 
-    from layerprune.store import ArtifactStore
+    from layerprune.store.artifacts import ArtifactStore
 
     problems, keys, table = [], set(), None
     with fresh_cache(check_dir):
@@ -110,7 +110,7 @@ def inspect_store(root: str, scratch: Path, cache: Path, check_dir: Path) -> dic
 
 def heal_resumed_from(root: str) -> list:
     """`resumed_from_step` of each heal stage in the store (None: trained from step 0)."""
-    from layerprune.store import ArtifactStore
+    from layerprune.store.artifacts import ArtifactStore
 
     store = ArtifactStore(root)
     return [store.manifest(stage, key)["meta"].get("resumed_from_step")

@@ -1,4 +1,4 @@
-"""Benchmark: `layerprune.benchmarks.evaluate` against lm-eval's HFLM and a bare forward pass.
+"""Benchmark: `layerprune.evaluate.run.evaluate` against lm-eval's HFLM and a bare forward pass.
 
 Each variant runs in its own process so that its peak memory (max RSS on CPU, max allocated on
 CUDA) is its own:
@@ -42,7 +42,7 @@ def variants(task: str) -> tuple[str, ...]:
 def run_variant(args, task: str, variant: str) -> dict:
     import torch
 
-    from layerprune.models import load_model
+    from layerprune.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.device)
@@ -51,7 +51,7 @@ def run_variant(args, task: str, variant: str) -> dict:
     if variant == STOCK:
         from lm_eval.models import huggingface as hf
 
-        from layerprune.benchmarks import STOCK_HFLM_ENV
+        from layerprune.evaluate.benchmarks import STOCK_HFLM_ENV
 
         os.environ[STOCK_HFLM_ENV] = "1"
         real_pad = hf.pad_and_concat
@@ -88,7 +88,7 @@ def run_variant(args, task: str, variant: str) -> dict:
             for row in rows:
                 model(input_ids=row[None].to(args.device), use_cache=False).logits.sum()
     else:
-        from layerprune.benchmarks import evaluate
+        from layerprune.evaluate.run import evaluate
 
         res = evaluate(model, loaded.tokenizer, [task], limit=args.limits.get(task),
                        batch_size=args.batch_size, loss_data=args.loss_data,
@@ -99,8 +99,8 @@ def run_variant(args, task: str, variant: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     if task == "loss" and variant == OURS:  # the same rows `loss_metrics` scores
-        from layerprune.calibration import tokenize
-        from layerprune.data import read_records
+        from layerprune.method.calibration import tokenize
+        from layerprune.method.data import read_records
 
         texts = read_records(args.loss_data, limit=args.loss_samples)
         rows = [torch.tensor(r) for r in tokenize(texts, loaded.tokenizer, args.seq_len)]

@@ -30,11 +30,11 @@ VARIANTS = {
 def run_variant(args, kind: str, batch_size: int) -> dict:
     import torch
 
-    from layerprune.batching import make_batch, pad_token_id
-    from layerprune.calibration import tokenize
-    from layerprune.data import read_records
-    from layerprune.hidden_states import last_token_states
-    from layerprune.models import load_model
+    from layerprune.method.batching import make_batch, pad_token_id
+    from layerprune.method.calibration import tokenize
+    from layerprune.method.data import read_records
+    from layerprune.method.hidden_states import last_token_states
+    from layerprune.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.device)

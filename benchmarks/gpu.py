@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from layerprune.io import write_json_atomic
+from layerprune.store.files import write_json_atomic
 
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json): 6.7 B parameters, 13.5 GB in bf16.
 CONFIG_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -160,8 +160,8 @@ def mmlu_requests(rng: random.Random, subjects: int, questions: int, vocab: int)
 
 
 def heal_steps(ckpt: Path, mode: str, args, device: str, rng: random.Random) -> dict:
-    from layerprune.heal import HealConfig
-    from layerprune.heal_training import compute_dtype, load_for_training
+    from layerprune.heal.config import HealConfig
+    from layerprune.heal.training import compute_dtype, load_for_training
 
     cfg = HealConfig(quant=mode == "nf4", batch_size=args.heal_batch, seq_len=args.seq_len)
     dtype = compute_dtype(cfg)
@@ -193,7 +193,7 @@ def forward_phase(model, tokenizer, ids, args, device) -> dict:
 
 
 def extract_phase(model, tokenizer, ids, args, device) -> dict:
-    from layerprune.hidden_states import last_token_states
+    from layerprune.method.hidden_states import last_token_states
 
     with Phase(device) as ph:
         states = last_token_states(model, ids, batch_size=args.batch_size,
@@ -202,7 +202,7 @@ def extract_phase(model, tokenizer, ids, args, device) -> dict:
 
 
 def loss_phase(model, tokenizer, ids, args, device) -> dict:
-    from layerprune.loss import next_token_loss
+    from layerprune.method.loss import next_token_loss
 
     with Phase(device) as ph:
         out = next_token_loss(model, tokenizer, ids, args.batch_size, show_bar=False)
@@ -210,7 +210,7 @@ def loss_phase(model, tokenizer, ids, args, device) -> dict:
 
 
 def mmlu_phase(model, tokenizer, ids, args, device) -> dict:
-    from layerprune.scoring import SharedPrefixHFLM
+    from layerprune.evaluate.scoring import SharedPrefixHFLM
 
     requests, prompt_tokens = mmlu_requests(random.Random(1), args.subjects, args.questions,
                                             model.config.vocab_size)
@@ -240,7 +240,7 @@ def run_mode(ckpt: Path, mode: str, args, device: str) -> dict:
     loaded: list = []
 
     def load_phase() -> dict:  # the stages' loader; its time includes the weights' sha256
-        from layerprune.models import load_model
+        from layerprune.models.loading import load_model
 
         with Phase(device) as ph:
             loaded.append(load_model(str(ckpt), dtype="bfloat16", device=device,
@@ -268,7 +268,7 @@ def run_mode(ckpt: Path, mode: str, args, device: str) -> dict:
 
 @torch.inference_mode()
 def bare_forward(model, ids: list[list[int]], batch_size: int, pad_id: int) -> None:
-    from layerprune.batching import batches
+    from layerprune.method.batching import batches
 
     device = next(model.parameters()).device
     for b in batches(ids, batch_size, pad_id, "right", device):

@@ -9,7 +9,7 @@
 #
 # On the GPU machine our package is read from this checkout (PYTHONPATH), and wheels found in
 # .whl/ are unpacked to $SITE first: bitsandbytes (nf4), lm-eval (the MMLU pass's scorer
-# subclasses its HFLM) and pydantic (layerprune.heal's config). Python: $PYTHON, else this
+# subclasses its HFLM) and pydantic (layerprune.heal.run's config). Python: $PYTHON, else this
 # checkout's .venv, else python3. Figures go to $OUT/gpu_bench.json when OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."

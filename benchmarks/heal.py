@@ -3,7 +3,7 @@
     python benchmarks/heal.py --steps 8 --batch-size 4 --seq-len 128            # both variants
     python benchmarks/heal.py --no-quant --model /path/to/pruned --threads 2     # LoRA only
 
-Each variant runs `layerprune.heal.heal` in its own subprocess, so its memory figures are its
+Each variant runs `layerprune.heal.run.heal` in its own subprocess, so its memory figures are its
 own: on a GPU, CUDA max_memory_allocated; on CPU, the peak RSS while training (sampled every
 10 ms from the first step's end) and the whole process's peak RSS (which includes loading and the
 full-precision reload for merging, and is usually the larger). Tokens/s counts the
@@ -51,12 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare_model(args: argparse.Namespace, workdir: Path) -> str:
     if args.model:
         return args.model
-    from layerprune.assets import resolve_ref
+    from layerprune.models.assets import resolve_ref
 
     if args.drop == 0:
         return resolve_ref("bundled:SmolLM2-135M-Instruct")
-    from layerprune.models import load_model
-    from layerprune.prune import heuristic_start, save_pruned
+    from layerprune.models.loading import load_model
+    from layerprune.method.prune import heuristic_start, save_pruned
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
     start = heuristic_start(loaded.model.config.num_hidden_layers, args.drop)
@@ -70,7 +70,8 @@ def run_variant(args: argparse.Namespace, model_dir: str, quant: bool, workdir: 
     import psutil
     import torch
 
-    from layerprune.heal import HealConfig, heal
+    from layerprune.heal.run import heal
+    from layerprune.heal.config import HealConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,15 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def heldout_loss(model, tokenizer, args) -> float:
-    from layerprune.loss import loss_metrics
+    from layerprune.method.loss import loss_metrics
 
     return loss_metrics(model, tokenizer, "bundled:wiki-heldout", args.seq_len, args.heldout,
                         batch_size=8)["value"]
 
 
 def similarity_distances(loaded, ids) -> list[list[float]]:
-    from layerprune import distances, hidden_states
-    from layerprune.batching import pad_token_id
+    from layerprune.method import distances
+    from layerprune.method import hidden_states
+    from layerprune.method.batching import pad_token_id
 
     states = hidden_states.last_token_states(loaded.model, ids, 8,
                                              pad_id=pad_token_id(loaded.tokenizer),
@@ -75,8 +76,10 @@ def similarity_distances(loaded, ids) -> list[list[float]]:
 def choose_all(loaded, ids, distance, args) -> dict:
     """{"chosen": {n: {strategy: [drop, ...]}} (`--random` drops for random), "seconds": the
     data-driven criteria's, "greedy": greedy-loss's record}."""
-    from layerprune import criteria, prune
-    from layerprune.batching import pad_token_id
+    from layerprune.method import criteria
+    from layerprune.method import prune
+    from layerprune.method import surgery
+    from layerprune.method.batching import pad_token_id
 
     pad = pad_token_id(loaded.tokenizer)
     L = loaded.model.config.num_hidden_layers
@@ -99,7 +102,7 @@ def choose_all(loaded, ids, distance, args) -> dict:
 
 
 def criteria_table(loaded, ids, distance, args, base: float) -> dict:
-    from layerprune.prune import describe_layers, removed_layers
+    from layerprune.method.prune import describe_layers, removed_layers
 
     found = choose_all(loaded, ids, distance, args)
     rows = []
@@ -139,9 +142,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from layerprune import calibration, prune
-    from layerprune.models import load_model
-    from layerprune.prune import removed_layers
+    from layerprune.method import calibration
+    from layerprune.method import prune
+    from layerprune.models.loading import load_model
+    from layerprune.method.prune import removed_layers
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, "float32")
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
             with removed_layers(loaded.model, drop):
                 pruned_loss = heldout_loss(loaded.model, loaded.tokenizer, args)
             pruned = Path(tmp) / f"pruned-{n}"
-            prune.write_pruned(args.model, drop, pruned, {"strategy": "similarity"},
+            surgery.write_pruned(args.model, drop, pruned, {"strategy": "similarity"},
                                dtype="float32", load=lambda: loaded)
             for method in args.methods:
                 record = heal_one(str(pruned), method, Path(tmp) / f"{method}-{n}", args)

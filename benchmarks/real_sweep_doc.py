@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 
-from layerprune.remote import storage_options_from_env
+from layerprune.store.remote import storage_options_from_env
 from tasks.report import base_line, with_error_bars
 
 VARIANT_COLUMNS = ["variant", "n", "fraction", "removed_layers", "loss", "boolq", "trivia_qa",

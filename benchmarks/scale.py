@@ -69,8 +69,8 @@ def bare_forward(model: str, samples: int, seq_len: int) -> None:
     """Child: load the model, run a batch-1 forward with logits over the calibration texts."""
     import torch
 
-    from layerprune.calibration import sample_texts, tokenize
-    from layerprune.models import load_model
+    from layerprune.method.calibration import sample_texts, tokenize
+    from layerprune.models.loading import load_model
 
     loaded = load_model(model)
     ids = tokenize(sample_texts(DATA, samples, None), loaded.tokenizer, seq_len)
@@ -82,10 +82,10 @@ def bare_forward(model: str, samples: int, seq_len: int) -> None:
 def load_and_save(model: str, start: int, n: int, out: str, dtype: str) -> None:
     """Child: the pruning baseline, the whole model loaded (in `dtype`, or `disk`: the dtype on
     disk) and saved."""
-    from layerprune.assets import resolve_ref
-    from layerprune.models import load_model
-    from layerprune.prune import save_pruned
-    from layerprune.surgery import disk_dtype
+    from layerprune.models.assets import resolve_ref
+    from layerprune.models.loading import load_model
+    from layerprune.method.prune import save_pruned
+    from layerprune.models.checkpoint_files import disk_dtype
 
     if dtype == "disk":
         dtype = disk_dtype(Path(resolve_ref(model))) or "float32"
@@ -95,7 +95,7 @@ def load_and_save(model: str, start: int, n: int, out: str, dtype: str) -> None:
 def libraries_only(model: str) -> None:
     """Child: what every variant pays before any work: the interpreter, torch, transformers and
     the model's class, built on the meta device (no weights) as every command checks it."""
-    from layerprune.models import check_architecture
+    from layerprune.models.loading import check_architecture
 
     check_architecture(model)
 
@@ -144,8 +144,8 @@ def bfloat16_copy(model: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from layerprune.assets import resolve_ref
-    from layerprune.models import load_tokenizer
+    from layerprune.models.assets import resolve_ref
+    from layerprune.models.loading import load_tokenizer
 
     AutoModelForCausalLM.from_pretrained(resolve_ref(model), dtype=torch.bfloat16) \
         .save_pretrained(out)

@@ -23,8 +23,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    from layerprune.benchmarks import STOCK_HFLM_ENV, check_tasks, evaluate
-    from layerprune.models import load_model
+    from layerprune.evaluate.benchmarks import STOCK_HFLM_ENV, check_tasks
+    from layerprune.evaluate.run import evaluate
+    from layerprune.models.loading import load_model
 
     tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     loaded = load_model(args.model, device=args.device)

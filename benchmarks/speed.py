@@ -4,7 +4,7 @@
                                [--prefill-tokens 128] [--decode-tokens 64] [--repeats 3]
                                [--start S]
 
-For each n, the model without n layers against the model itself (`layerprune.speed.measure`:
+For each n, the model without n layers against the model itself (`layerprune.evaluate.speed.measure`:
 one load, the variant as an in-memory view, base and variant timed alternately after a warm-up,
 medians of `--repeats`): prefill tokens/s (`--batch` rows of `--prefill-tokens`), decode
 tokens/s with the KV cache (`--decode-tokens` greedy tokens after a 16-token prompt, batch 1
@@ -45,9 +45,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from layerprune.models import load_model, num_layers
-    from layerprune.prune import block_from_start, choose_layers, describe_layers
-    from layerprune.speed import measure
+    from layerprune.models.loading import load_model, num_layers
+    from layerprune.method.prune import block_from_start, choose_layers, describe_layers
+    from layerprune.evaluate.speed import measure
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)

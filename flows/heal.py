@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerprune.config import HealMethod, HealSpec, ModelSpec
-from layerprune.remote import check_reachable
-from layerprune.store import ArtifactStore
+from layerprune.store.remote import check_reachable
+from layerprune.store.artifacts import ArtifactStore
 from tasks.children import run_child
 from tasks.gpus import gpu_job, gpu_slots
 from tasks.heal import STAGE, heal_variant

@@ -23,16 +23,16 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.heal import heal_in_deployments
-from layerprune.benchmarks import check_args as check_benchmarks
-from layerprune.calibration import sample_texts
+from layerprune.evaluate.benchmarks import check_args as check_benchmarks
+from layerprune.method.calibration import sample_texts
 from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
-from layerprune.criteria import DATA_STRATEGIES
-from layerprune.data import check_source
+from layerprune.method.criteria import DATA_STRATEGIES
+from layerprune.method.data import check_source
 from layerprune.errors import LayerPruneError
-from layerprune.models import check_context
-from layerprune.prune import check_block_size
-from layerprune.remote import check_reachable
-from layerprune.speed import DECODE_PROMPT_TOKENS
+from layerprune.models.loading import check_context
+from layerprune.method.prune import check_block_size
+from layerprune.store.remote import check_reachable
+from layerprune.evaluate.speed import DECODE_PROMPT_TOKENS
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant

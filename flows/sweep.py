@@ -20,7 +20,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from layerprune.config import SweepParams
-from layerprune.remote import check_reachable
+from layerprune.store.remote import check_reachable
 from tasks.results import write_run_summary
 from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
                          run_model)

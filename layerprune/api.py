@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune import calibration, distances as dist, hidden_states, loss as loss_mod
-from layerprune import prune as prune_mod, stability as stab, streaming
-from layerprune.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
-from layerprune.criteria import DATA_STRATEGIES
-from layerprune.data import check_source
+from layerprune.method import calibration
+from layerprune.method import distances as dist
+from layerprune.method import hidden_states
+from layerprune.method import loss as loss_mod
+from layerprune.method import prune as prune_mod
+from layerprune.method import surgery
+from layerprune.method import layer_config
+from layerprune.method import stability as stab
+from layerprune.method import streaming
+from layerprune.method.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
+from layerprune.method.criteria import DATA_STRATEGIES
+from layerprune.method.data import check_source
 from layerprune.errors import LayerPruneError
-from layerprune.io import atomic_output_dir, check_output_dir, write_json_atomic
-from layerprune.models import (LoadedModel, check_architecture, check_context, check_model_ref,
+from layerprune.store.files import atomic_output_dir, check_output_dir, write_json_atomic
+from layerprune.models.loading import (LoadedModel, check_architecture, check_context, check_model_ref,
                                check_tokenizer, check_weights, load_model, load_tokenizer)
 
 
@@ -71,10 +78,10 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
 
     `folds`: disjoint calibration subsets whose block choices are compared, 2..samples (default
     3, skipped with the reason recorded when samples < 3); `bootstrap`: resamples for the
-    intervals and choice shares, 0 skips them (`layerprune.stability`).
+    intervals and choice shares, 0 skips them (`layerprune.method.stability`).
 
     `batch_size`: "auto" is the fastest for the device (`batching.resolve_batch_size`).
-    `extraction`: "in-memory", "streamed" (one layer at a time, `layerprune.streaming`) or "auto":
+    `extraction`: "in-memory", "streamed" (one layer at a time, `layerprune.method.streaming`) or "auto":
     streamed when the model does not fit `memory_budget` ("700MB", "40GB"; default: the memory
     available), the most weights + activations held at once. `placement`: how the model is
     held (`model_spec`)."""
@@ -110,8 +117,10 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
             states = streaming.last_token_states_streamed(
                 spec.ref, ids, batch_size, padding_side, pad, max_memory=memory_budget,
                 **streaming.streamed_options(spec))
-        doc = dist.compute(states, tmp, title=f"{Path(model).name}: {samples} samples",
-                           folds=folds, bootstrap=bootstrap)
+        doc = stab.write_distances(states, tmp, folds=folds, bootstrap=bootstrap)
+        from layerprune.report.figures import draw_distances  # matplotlib: only when drawing
+
+        draw_distances(doc, tmp, title=f"{Path(model).name}: {samples} samples")
     return {**doc, "extraction": mode}
 
 
@@ -125,7 +134,7 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
     The layers: exactly one of `start` (the block start..start+n-1), `strategy`
     (`prune.choose_layers`) or `layers` (an explicit list, contiguous or not; n is its length).
     block-influence and greedy-loss score the first `samples` records of `data` cut to
-    `seq_len` tokens with the model loaded (`layerprune.criteria`); random takes `seed`
+    `seq_len` tokens with the model loaded (`layerprune.method.criteria`); random takes `seed`
     (default 0); similarity reads `distances_dir`. `prune.json` records the strategy and what
     it read (scores, seed, distance).
 
@@ -158,7 +167,7 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
     check_weights(model)
     check_tokenizer(model)  # the checkpoint written must load with its tokenizer
     if layers is not None:  # distinct, in range, not every layer
-        prune_mod.kept_layers(list(layers), num_layers)
+        layer_config.kept_layers(list(layers), num_layers)
     prune_mod.check_block_size(n, num_layers)
     info: dict = {"strategy": strategy or "manual", "block_size": n}
     loaded = None
@@ -185,7 +194,7 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
             info["calibration_samples"] = doc["n_samples"]
         if strategy == "random":
             info["seed"] = seed
-    return prune_mod.write_pruned(model, drop, out, info, dtype=dtype,
+    return surgery.write_pruned(model, drop, out, info, dtype=dtype,
                                   load=(lambda: loaded) if loaded else None)
 
 
@@ -216,7 +225,7 @@ def _check_strategy_inputs(strategy: str | None, distances_dir: str | None, data
 def _criterion_scores(strategy: str, loaded: LoadedModel, ids: list[list[int]], n: int,
                       batch_size: int) -> dict:
     """What a data strategy read, as recorded in prune.json."""
-    from layerprune import criteria
+    from layerprune.method import criteria
 
     if strategy == "block-influence":
         return {"block_influence": criteria.block_influence(
@@ -232,7 +241,7 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
     spec = _check_common(model, placement, batch_size, out)
     calibration.check_sizes(samples if samples is not None else 1, seq_len)
     check_source(data)
-    from layerprune.data import read_records
+    from layerprune.method.data import read_records
 
     texts = read_records(data, limit=samples, text_field=text_field)
     _check_model(spec, seq_len)
@@ -257,7 +266,8 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
     `benchmarks.items_for_stderr(task, target_stderr)` items; loss reads `samples` records
     (all when None).
     """
-    from layerprune import benchmarks
+    from layerprune.evaluate import benchmarks
+    from layerprune.evaluate import run
 
     spec = _check_common(model, placement, batch_size, out)
     if target_stderr is not None:
@@ -269,13 +279,13 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
         limit = {t: benchmarks.items_for_stderr(t, target_stderr) for t in tasks if t != "loss"}
     tasks = benchmarks.check_args(tasks, limit, shots, batch_size, data, seq_len, samples)
     if "loss" in tasks:  # read the loss text now: a bad record fails before the model loads
-        from layerprune.data import read_records
+        from layerprune.method.data import read_records
 
         loss_limit = limit.get("loss") if isinstance(limit, dict) else limit
         read_records(data or benchmarks.DEFAULT_LOSS_DATA, limit=samples or loss_limit)
     _check_model(spec, seq_len if "loss" in tasks else None)
     loaded = _load(spec)
-    metrics = benchmarks.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
+    metrics = run.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
                                   batch_size=batch_size, loss_data=data, loss_seq_len=seq_len,
                                   loss_samples=samples)
     with atomic_output_dir(out) as tmp:
@@ -290,65 +300,42 @@ def heal(model: str, data: str, out: str, steps: int | None = None, method: str 
 
     `steps` is required except for `linear` (no training). `teacher`: the unpruned model
     (default: the source in the checkpoint's prune.json). `config` holds any other
-    `layerprune.heal.HealConfig` field (rank, lr, seq_len, temperature, kl_weight,
+    `layerprune.heal.config.HealConfig` field (rank, lr, seq_len, temperature, kl_weight,
     teacher_logits, top_k, linear_samples, ...); an interrupted run into the same `out` resumes.
     """
-    from layerprune import heal as heal_mod
+    from layerprune.heal import run as heal_mod
+    from layerprune.heal.config import check_config, check_method
+    from layerprune.heal.validation import check_pruned_checkpoint
+    from layerprune.report.figures import heal_curve
 
-    heal_mod.check_method(method)
+    check_method(method)
     if steps is None and method != "linear":
         raise LayerPruneError(f"steps (--steps) is required for method {method!r}; only "
                               "'linear' trains nothing")
-    cfg = heal_mod.check_config({**({"steps": steps} if steps is not None else {}), **config})
+    cfg = check_config({**({"steps": steps} if steps is not None else {}), **config})
     check_output_dir(out)
-    _check_pruned_checkpoint(model)
+    check_pruned_checkpoint(model)
     check_source(data)
     check_context(model, cfg.seq_len)
-    return heal_mod.heal(model, data, out, cfg, method=method, teacher=teacher)
-
-
-def _check_pruned_checkpoint(model: str) -> None:
-    """`layerprune heal` heals what `layerprune prune` wrote: a checkpoint directory with its
-    `prune.json`, whose layer count matches the config. (The library's `heal.heal` takes any
-    checkpoint: fine-tuning an unpruned model is legitimate there, but on the command line it
-    is almost always the wrong directory, e.g. the source model instead of the pruned one.)"""
-    from layerprune.models import read_config
-    from layerprune.prune import layer_config, read_prune_record
-
-    check_model_ref(model)
-    check_weights(model)
-    path = Path(model)
-    if not path.is_dir():
-        raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint directory; heal "
-                              "takes the --out directory of `layerprune prune`")
-    doc = read_prune_record(path)
-    if doc is None:
-        raise LayerPruneError(f"model: {model!r} is not a pruned checkpoint (no prune.json); "
-                              "heal takes the --out directory of `layerprune prune`")
-    removed, after, record = doc["removed_layers"], doc.get("num_layers_after"), \
-        path / "prune.json"
-    layers = layer_config(read_config(model)).num_hidden_layers
-    if after is not None and after != layers:
-        raise LayerPruneError(f"model: {str(record)!r} says {after} layers remain after removing "
-                              f"{len(removed)}, but the checkpoint's config has {layers}: "
-                              "prune.json does not belong to these weights")
-    check_tokenizer(model)
+    record = heal_mod.heal(model, data, out, cfg, method=method, teacher=teacher)
+    heal_curve(out)
+    return record
 
 
 def speed(model: str, drop: list[int], out: str, batch: int = 4, prefill_tokens: int = 128,
           decode_tokens: int = 64, repeats: int = 5, **placement) -> dict:
     """Write `out/speed.json`: the inference cost of the model without layers `drop` against
-    the model itself, one load, timed alternately (`layerprune.speed.measure`), with "model"
+    the model itself, one load, timed alternately (`layerprune.evaluate.speed.measure`), with "model"
     added to its settings. `placement`: how the model is held (`model_spec`)."""
-    from layerprune import speed as speed_mod
-    from layerprune.models import context_length, read_config
+    from layerprune.evaluate import speed as speed_mod
+    from layerprune.models.loading import context_length, read_config
 
     check_output_dir(out)
     spec = model_spec(model, placement)
-    speed_mod.check_sizes(batch, prefill_tokens, decode_tokens, repeats)
+    speed_mod.check_settings(batch, prefill_tokens, decode_tokens, repeats)
     layers = check_architecture(spec.ref, spec.trust_remote_code, spec.revision)
     drop = speed_mod.check_drop(drop, layers)
-    speed_mod.check_context(prefill_tokens, decode_tokens, context_length(
+    speed_mod.check_lengths(prefill_tokens, decode_tokens, context_length(
         read_config(spec.ref, spec.trust_remote_code, spec.revision)))
     _check_model(spec)
     loaded = _load(spec)

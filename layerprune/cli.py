@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     if args.command == "fetch":  # first, and alone: `make` runs it before anything else works
-        from layerprune import assets
+        from layerprune.models import assets
 
         return {name: str(path) for name, path in assets.fetch(args.model).items()}
     if args.command in ("gc", "verify"):
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
                             args.batch_size, args.seed, args.padding_side, args.text_field,
                             args.extraction, args.memory_budget, folds=args.folds,
                             bootstrap=args.bootstrap, **_placement(args))
-        from layerprune.stability import summary_line
+        from layerprune.method.stability import summary_line
 
         return {"out": args.out, "num_layers": doc["num_layers"], "n_samples": doc["n_samples"],
                 "extraction": doc["extraction"], "stability": summary_line(doc["stability"])}
@@ -294,10 +294,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _maintain(args: argparse.Namespace) -> dict:
-    from layerprune import maintenance
-    from layerprune.remote import StoreUnavailable, check_reachable
+    from layerprune.store import maintenance
+    from layerprune.store.remote import StoreUnavailable, check_reachable
 
-    from layerprune.remote import is_remote
+    from layerprune.store.remote import is_remote
 
     if not is_remote(args.store) and not Path(args.store).is_dir():
         raise LayerPruneError(f"--store: {args.store!r} is not a directory; give the artifact "
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             # A full disk inside a library's own writer (the Trainer's checkpoints) reaches
             # here as that library's error, sometimes without the errno: one line, as the rest.
-            from layerprune.io import NoSpaceLeft, is_disk_full, no_space_at
+            from layerprune.store.files import NoSpaceLeft, is_disk_full, no_space_at
 
             out = getattr(args, "out", None)
             if isinstance(e, NoSpaceLeft) and out and str(e).startswith("no space"):

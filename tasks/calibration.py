@@ -1,11 +1,11 @@
-"""Prefect task: sample and tokenize calibration text (layerprune.calibration)."""
+"""Prefect task: sample and tokenize calibration text (layerprune.method.calibration)."""
 
 from __future__ import annotations
 
-from layerprune import calibration
+from layerprune.method import calibration
 from layerprune.config import CalibrationSpec, ModelSpec
-from layerprune.data import fingerprint as data_fingerprint
-from layerprune.models import load_tokenizer
+from layerprune.method.data import source_fingerprint as data_fingerprint
+from layerprune.models.loading import load_tokenizer
 from tasks.common import run_stage, stage_task
 
 STAGE, VERSION = "calibration", 1

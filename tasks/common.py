@@ -11,8 +11,8 @@ cache hit works from any worker. The store stays the source of truth:
   run. `refresh` names stages to recompute regardless (`stage_policy`);
 - the task body returns the stored manifest when the stage is complete, so a rerun after a
   crash, or on another worker or Prefect server, redoes only what is missing;
-- publishing is safe under concurrency (layerprune.store) and every attempt works in leased
-  scratch (layerprune.leases) that the run completing the key clears, with what killed attempts
+- publishing is safe under concurrency (layerprune.store.artifacts) and every attempt works in leased
+  scratch (layerprune.store.leases) that the run completing the key clears, with what killed attempts
   left. Tasks return manifests (small JSON), never tensors.
 """
 
@@ -33,10 +33,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layerprune.config import ModelSpec
-from layerprune.leases import LeaseNotTaken
-from layerprune.models import LoadedModel, load_model
-from layerprune.placement import dtype_name
-from layerprune.store import ArtifactDamaged, ArtifactStore, stage_key
+from layerprune.store.leases import LeaseNotTaken
+from layerprune.models.loading import LoadedModel, load_model
+from layerprune.models.placement import dtype_name
+from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.manifests import ArtifactDamaged, stage_key
 from tasks.results import result_storage_for
 
 
@@ -211,7 +212,7 @@ def progress_reporter(description: str, every_s: float = 2.0) -> Callable[[int, 
 
 
 # One model in memory per process: every variant of it is a view with layers removed
-# (layerprune.prune.removed_layers), so ten variants cost one load. The lock serialises tasks
+# (layerprune.method.prune.removed_layers), so ten variants cost one load. The lock serialises tasks
 # that change the model's layer list.
 _model_lock = threading.RLock()
 _model_cache: dict[tuple, LoadedModel] = {}

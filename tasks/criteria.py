@@ -1,4 +1,4 @@
-"""Prefect task: per-layer scores that the data-driven block criteria read (layerprune.criteria).
+"""Prefect task: per-layer scores that the data-driven block criteria read (layerprune.method.criteria).
 
 - `block-influence` (ShortGPT): 1 - cos(input, output) of every layer, over every token of the
   calibration samples: one forward pass.
@@ -12,10 +12,11 @@ The scores go in `scores.json`; the prune stage keys its recipes on this stage's
 
 from __future__ import annotations
 
-from layerprune import calibration, criteria
-from layerprune.batching import pad_token_id
+from layerprune.method import calibration
+from layerprune.method import criteria
+from layerprune.method.batching import pad_token_id
 from layerprune.config import ModelSpec
-from layerprune.io import write_json_atomic
+from layerprune.store.files import write_json_atomic
 from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter,
                           run_stage, stage_files, stage_task)
 

@@ -1,9 +1,11 @@
-"""Prefect task: the angular distance matrix and its heatmap (layerprune.distances), and how
-stable the block choice is under the calibration sample (layerprune.stability)."""
+"""Prefect task: the angular distance matrix and its heatmap (layerprune.method.distances, drawn by layerprune.report.figures), and how
+stable the block choice is under the calibration sample (layerprune.method.stability)."""
 
 from __future__ import annotations
 
-from layerprune import distances, hidden_states, stability
+from layerprune.method import hidden_states
+from layerprune.method import stability
+from layerprune.report.figures import draw_distances
 from tasks.common import run_stage, stage_files, stage_task
 
 # 2: also stability.json / stability.png. Their settings are the library defaults (3 folds, 200
@@ -20,8 +22,8 @@ def key_params(states: dict) -> dict:
 def compute_distances(store_root: str, states: dict, title: str = "") -> dict:
     def build(out):
         tensor = hidden_states.load_states(stage_files(store_root, states))
-        doc = distances.compute(tensor, out, title=title,
-                                folds=stability.default_folds(tensor.shape[1]))
+        doc = stability.write_distances(tensor, out, folds=stability.default_folds(tensor.shape[1]))
+        draw_distances(doc, out, title=title)
         folds = doc["stability"]["folds"]
         return {"num_layers": doc["num_layers"], "n_samples": doc["n_samples"],
                 "stability": stability.summary_line(doc["stability"]),

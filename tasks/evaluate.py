@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 
-from layerprune import benchmarks
+from layerprune.evaluate import benchmarks
+from layerprune.evaluate import run
 from layerprune.config import LossSpec, ModelSpec
-from layerprune.data import fingerprint as data_fingerprint
-from layerprune.prune import describe_layers, removed_layers
+from layerprune.method.data import source_fingerprint as data_fingerprint
+from layerprune.method.prune import describe_layers, removed_layers
 from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task
 
 STAGE, VERSION = "eval", 1
@@ -54,7 +55,7 @@ def evaluate_variant(store_root: str, model: ModelSpec, model_info: dict, drop: 
             loaded = model_in_memory(model)
             view = removed_layers(loaded.model, drop) if drop else contextlib.nullcontext()
             with view:
-                metrics = benchmarks.evaluate(
+                metrics = run.evaluate(
                     loaded.model, loaded.tokenizer, [task], limit=limit, shots=shots,
                     batch_size=batch_size, loss_data=loss.data, loss_seq_len=loss.seq_len,
                     loss_samples=loss.samples, loss_text_field=loss.text_field)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from layerprune import heal
+from layerprune.heal import run as heal
+from layerprune.heal import config
 from layerprune.config import HealSpec, ModelSpec
-from layerprune.data import fingerprint as data_fingerprint
-from layerprune.models import fingerprint as model_fingerprint
-from layerprune.prune import write_pruned
+from layerprune.method.data import source_fingerprint as data_fingerprint
+from layerprune.models.loading import fingerprint as model_fingerprint
+from layerprune.method.surgery import write_pruned
+from layerprune.report.figures import heal_curve
 from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter,
                           release_model, run_stage, stage_files, stage_task)
 
@@ -37,7 +39,7 @@ def key_params(model_info: dict, model: ModelSpec, recipe: dict, spec: HealSpec,
             "teacher": model_fingerprint(spec.teacher) if spec.teacher else None,
             # Only what changes this method's result (lora ignores the temperature, linear the
             # learning rate, ...); where the model sits (device_map) changes nothing.
-            "config": heal.method_config(spec.config, method)}
+            "config": config.method_config(spec.config, method)}
 
 
 def run_name() -> str:
@@ -68,6 +70,7 @@ def heal_variant(store_root: str, model: ModelSpec, model_info: dict, recipe: di
                            progress=progress_reporter(f"healing ({method})"),
                            checkpoint_dir=str(out.parent / "checkpoints"), method=method,
                            teacher=spec.teacher)  # None: prune.json's source, `model`
+        heal_curve(out)
         if pruned != exported:
             shutil.rmtree(pruned, ignore_errors=True)
         return {k: record.get(k) for k in RECORD_FIELDS}

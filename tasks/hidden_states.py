@@ -1,11 +1,13 @@
-"""Prefect task: last-token residual streams entering every layer (layerprune.hidden_states)."""
+"""Prefect task: last-token residual streams entering every layer (layerprune.method.hidden_states)."""
 
 from __future__ import annotations
 
-from layerprune import calibration, hidden_states, streaming
-from layerprune.batching import pad_token_id
+from layerprune.method import calibration
+from layerprune.method import hidden_states
+from layerprune.method import streaming
+from layerprune.method.batching import pad_token_id
 from layerprune.config import ExtractionSpec, ModelSpec
-from layerprune.models import load_tokenizer
+from layerprune.models.loading import load_tokenizer
 from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter, run_stage,
                           stage_files, stage_task)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import task
 
 from layerprune.config import ModelSpec
-from layerprune.models import check_architecture, fingerprint, pinned_revision, read_config
+from layerprune.models.loading import check_architecture, fingerprint, pinned_revision, read_config
 
 
 @task(name="describe-model", retries=1)

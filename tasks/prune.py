@@ -1,9 +1,9 @@
-"""Prefect task: choose the layers to drop and store the pruned model (layerprune.prune).
+"""Prefect task: choose the layers to drop and store the pruned model (layerprune.method.prune).
 
 The artifact is a recipe (source fingerprint + removed layers, a few hundred bytes); a full
 checkpoint is written only when asked (`export=True`), since evaluation applies the recipe to the
 source model already in memory. The checkpoint is cut from the source's safetensors files on disk
-when it has them (`prune.write_pruned`), from the model in memory otherwise.
+when it has them (`surgery.write_pruned`), from the model in memory otherwise.
 
 What a strategy reads: similarity the distances stage, block-influence and greedy-loss the
 scores stage (tasks/criteria.py), heuristic nothing, random its seed. Only that input is in the
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune import distances as dist
-from layerprune import prune
+from layerprune.method import distances as dist
+from layerprune.method import prune
+from layerprune.method import surgery
 from layerprune.config import ModelSpec
-from layerprune.io import write_json_atomic
+from layerprune.store.files import write_json_atomic
 from tasks.common import model_in_memory, model_lock, run_stage, stage_files, stage_task
 from tasks.criteria import load_scores
 
@@ -65,7 +66,7 @@ def prune_model(store_root: str, model: ModelSpec, model_info: dict, distances: 
                   "block_distance": doc["distance"][n - 1][drop[0]] if contiguous else None}
         write_json_atomic(out / RECIPE_FILE, recipe)
         if export:  # by surgery on disk when the source is a safetensors checkpoint
-            prune.write_pruned(model.ref, drop, out / "checkpoint",
+            surgery.write_pruned(model.ref, drop, out / "checkpoint",
                                {"strategy": strategy, "block_size": n,
                                 "block_distance": recipe["block_distance"],
                                 "calibration_samples": doc["n_samples"]},

@@ -6,7 +6,7 @@ mean ± sd over its blocks ("random", with `<metric>_sd` columns), and each heal
 100 * (pruned loss - healed loss) / (pruned loss - base loss), beside the tokens it trained on,
 its seconds and its peak memory. Each variant row also carries its speed and memory
 (tasks/speed.py; a healed row its unhealed variant's) and each metric's standard error
-(`<metric>_stderr`), drawn as error bars; the trade-off picture (layerprune/tradeoff.py) sets
+(`<metric>_stderr`), drawn as error bars; the trade-off picture (layerprune/report/tradeoff.py) sets
 quality against decode speedup and memory saved. Figures are embedded in the markdown artifact
 as data URIs, so the Prefect UI shows them whatever the artifact store is (a local path or an S3
 URL would not render in a browser).
@@ -22,11 +22,10 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerprune.config import PruneAndHealParams
-from layerprune.distances import HEATMAP_FILE
-from layerprune.stability import STABILITY_FIGURE
-from layerprune.figures import metric_curves, train_loss_curves
-from layerprune.prune import describe_layers
-from layerprune.tradeoff import pareto_best, tradeoff_figure
+from layerprune.report.figures import (HEATMAP_FILE, STABILITY_FIGURE, metric_curves,
+                                       train_loss_curves)
+from layerprune.method.prune import describe_layers
+from layerprune.report.tradeoff import pareto_best, tradeoff_figure
 from tasks.common import run_stage, stage_files, stage_task
 from tasks.speed import COLUMNS as SPEED_COLUMNS
 

@@ -42,12 +42,12 @@ from typing import Any
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 from pydantic import Field
 
-from layerprune.io import write_json_atomic
-from layerprune.remote import is_remote, storage_options_from_env
-from layerprune.store import ArtifactStore
+from layerprune.store.files import write_json_atomic
+from layerprune.store.remote import is_remote, storage_options_from_env
+from layerprune.store.artifacts import ArtifactStore
 
 RESULTS_DIR = "prefect-results"
-RUNS_DIR = "runs"  # run summaries; not a stage (layerprune.maintenance.NOT_STAGES)
+RUNS_DIR = "runs"  # run summaries; not a stage (layerprune.store.maintenance.NOT_STAGES)
 SUMMARY = "summary.json"
 
 

@@ -1,5 +1,5 @@
 """Prefect task: the inference cost of one pruned variant against its base model, on the run's
-device (`layerprune.speed.measure`), and the columns the flow's rows and summary take from it.
+device (`layerprune.evaluate.speed.measure`), and the columns the flow's rows and summary take from it.
 
 The variant is the model already in memory with layers `drop` removed (as tasks/evaluate.py
 does), so measuring every variant costs no load. Each measurement times the base model too,
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import statistics
 
-from layerprune import speed as speed_mod
+from layerprune.evaluate import speed as speed_mod
 from layerprune.config import ModelSpec, SpeedSpec
-from layerprune.io import write_json_atomic
-from layerprune.prune import describe_layers
+from layerprune.store.files import write_json_atomic
+from layerprune.method.prune import describe_layers
 from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task
 
 STAGE, VERSION = "speed", 1
@@ -35,7 +35,7 @@ def hardware(model: ModelSpec) -> str:
     by its model and count; a CPU by the threads torch uses (its throughput scales with them)."""
     import torch
 
-    from layerprune.placement import resolve_device
+    from layerprune.models.placement import resolve_device
 
     device = resolve_device(model.device)
     if torch.cuda.is_available() and (device.startswith("cuda") or model.device_map is not None):

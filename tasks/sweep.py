@@ -1,5 +1,5 @@
 """Prefect tasks of the sweep: plan each model, run it as a deployment, gather one report, and
-publish the night on the leaderboard page (layerprune/leaderboard.py).
+publish the night on the leaderboard page (layerprune/report/leaderboard/nights.py).
 
 The per-model work runs as separate flow runs of the `prune-and-heal` deployment on the `gpu`
 work pool (Prefect dispatches flow runs, not tasks, to pools); these tasks only wait for them
@@ -22,13 +22,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from layerprune.figures import metric_curves
-from layerprune.leaderboard import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
+from layerprune.report.figures import metric_curves
+from layerprune.report.leaderboard.nights import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
                                     night_record)
-from layerprune.leaderboard_figures import can_lose_figure
-from layerprune.leaderboard_page import publish_night
-from layerprune.models import check_architecture
-from layerprune.remote import storage_options_from_env
+from layerprune.report.leaderboard.figures import can_lose_figure
+from layerprune.report.leaderboard.page import publish_night
+from layerprune.models.loading import check_architecture
+from layerprune.store.remote import storage_options_from_env
 from tasks.children import run_child
 from tasks.common import run_stage, stage_files, stage_task
 from tasks.gpus import gpu_job

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from layerprune import assets
+from layerprune.models import assets
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -48,7 +48,7 @@ def _configs(vocab: int) -> dict:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from layerprune.models import load_tokenizer
+    from layerprune.models.loading import load_tokenizer
 
     return load_tokenizer(REAL_MODEL)
 

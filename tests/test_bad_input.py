@@ -138,9 +138,9 @@ def test_gguf_structure_check_accepts_whole_files_and_finds_every_cut(tmp_path):
     """Cut anywhere (inside the metadata, inside the tensor records, by one byte of tensor
     data) and the file is refused; the whole file passes. A check of the magic bytes alone, or
     one that never compares the tensors' extent with the file size, passes the cut files."""
-    from layerprune.checkpoint_files import gguf_keys
+    from layerprune.models.checkpoint_files import gguf_keys
     from layerprune.errors import LayerPruneError
-    from layerprune.models import check_tokenizer
+    from layerprune.models.loading import check_tokenizer
 
     whole = _tiny_gguf(tmp_path / "whole.gguf")
     data = whole.read_bytes()
@@ -175,8 +175,8 @@ def test_real_gguf_passes_and_a_truncated_copy_fails_as_a_process(real_assets, t
     """The real SmolLM2 GGUF (Q4_1, 49k-token vocabulary) passes the structure check, so the
     check has no false alarm on a real file; a copy cut at 90% is refused by the installed
     command as a process: exit status 2, one stderr line, no traceback, nothing written."""
-    from layerprune import assets
-    from layerprune.checkpoint_files import gguf_keys
+    from layerprune.models import assets
+    from layerprune.models.checkpoint_files import gguf_keys
 
     real = assets.resolve("bundled:SmolLM2-135M-Instruct-gguf")
     assert "tokenizer.ggml.model" in gguf_keys(real)
@@ -451,7 +451,7 @@ def _listing(root: Path) -> set[str]:
 def test_a_full_disk_leaves_the_old_json_and_no_temporary_file(tiny_disk):
     """write_json_atomic: temp file + rename, the temp removed on error: after a failed rewrite
     the previous version is intact and nothing else is on the disk."""
-    from layerprune.io import NoSpaceLeft, write_json_atomic
+    from layerprune.store.files import NoSpaceLeft, write_json_atomic
 
     target = tiny_disk / "record.json"
     write_json_atomic(target, {"version": 1})
@@ -500,7 +500,7 @@ def test_a_full_disk_while_fetching_leaves_no_half_file(real_assets, tiny_disk, 
                                                         capsys):
     """fetch builds the wiki text sets from the saved datasets (linked in, nothing downloaded)
     into a cache on the full disk: one line naming LAYERPRUNE_CACHE, no .tmp file left."""
-    from layerprune import assets
+    from layerprune.models import assets
 
     (tiny_disk / "data").mkdir()
     (tiny_disk / "data" / "hf_datasets").symlink_to(assets.resolve("bundled:hf_datasets"))
@@ -608,10 +608,10 @@ def test_the_schemas_enums_and_patterns_agree_with_the_code():
     import re
     import typing
 
-    from layerprune.benchmarks import TASKS
+    from layerprune.evaluate.benchmarks import TASKS
     from layerprune.config import BenchmarkTask, Size
     from layerprune.errors import LayerPruneError
-    from layerprune.placement import parse_size
+    from layerprune.models.placement import parse_size
 
     assert set(typing.get_args(BenchmarkTask)) == set(TASKS) - {"loss"}
     pattern = re.compile(typing.get_args(Size)[1].metadata[0].pattern)

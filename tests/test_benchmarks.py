@@ -11,7 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerprune import assets, benchmarks, lm_eval_tasks
+from layerprune.models import assets
+from layerprune.evaluate import benchmarks
+from layerprune.evaluate import run
+from layerprune.evaluate import lm_eval_tasks
 from layerprune.errors import LayerPruneError
 
 RECORDS = ["The quick brown fox jumps over the lazy dog.",
@@ -112,7 +115,7 @@ def test_boolq_equals_a_hand_computation(tiny, tokenizer, caplog):
     margins = boolq_margins(tiny, tokenizer, 8)
     bias = yes_bias_between(margins)
     with yes_biased(tiny, tokenizer, bias), caplog.at_level("WARNING"):
-        out = benchmarks.evaluate(tiny, tokenizer, ["boolq"], limit=8)["boolq"]
+        out = run.evaluate(tiny, tokenizer, ["boolq"], limit=8)["boolq"]
     # lm-eval's by-design warnings are dropped, and its progress bars are restored afterwards
     assert not [r for r in caplog.records if "num_fewshot" in r.getMessage()
                 or "already-initialized" in r.getMessage()]
@@ -131,7 +134,7 @@ def test_a_model_that_always_says_yes_scores_the_share_of_true(tiny, tokenizer):
     bias[yes] = 100.0  # p(" yes") ~ 1 at every position, whatever the prompt
     hook = tiny.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
     try:
-        out = benchmarks.evaluate(tiny, tokenizer, ["boolq"], limit=12, batch_size=4)["boolq"]
+        out = run.evaluate(tiny, tokenizer, ["boolq"], limit=12, batch_size=4)["boolq"]
     finally:
         hook.remove()
     answers = boolq_answers(12)
@@ -144,7 +147,7 @@ def test_a_model_that_always_says_yes_scores_the_share_of_true(tiny, tokenizer):
 def test_loss_task_matches_a_hand_computation(tiny, tokenizer, tmp_path):
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in RECORDS))
-    out = benchmarks.evaluate(tiny, tokenizer, ["loss"], loss_data=str(data), batch_size=2)
+    out = run.evaluate(tiny, tokenizer, ["loss"], loss_data=str(data), batch_size=2)
     out = out["loss"]
     nats, tokens, n_bytes = 0.0, 0, 0
     with torch.no_grad():
@@ -180,7 +183,7 @@ class Untouchable:
 ])
 def test_bad_input_fails_before_model_work(kwargs, words):
     with pytest.raises(LayerPruneError) as err:
-        benchmarks.evaluate(Untouchable(), Untouchable(), **kwargs)
+        run.evaluate(Untouchable(), Untouchable(), **kwargs)
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
@@ -233,13 +236,13 @@ MMLU_BY_HAND = 6  # subjects whose one question is scored here by hand (of 57)
 
 @pytest.mark.real
 def test_real_smollm2_mmlu_and_boolq(real_assets):
-    from layerprune.models import load_model
+    from layerprune.models.loading import load_model
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
     model, tokenizer = loaded.model, loaded.tokenizer
     # Zero-shot MMLU keeps this test short (5-shot prompts are ~6x longer; the 5-shot prompt
     # itself is checked above); limit applies per MMLU subject: 57 subjects x 1 question.
-    out = benchmarks.evaluate(model, tokenizer, ["mmlu", "boolq"], limit=1, shots=0)
+    out = run.evaluate(model, tokenizer, ["mmlu", "boolq"], limit=1, shots=0)
     subjects = lm_eval_tasks.mmlu_subjects()
     assert out["mmlu"]["n"] == len(subjects) == 57
     assert out["mmlu"]["baseline"] == pytest.approx(0.25)
@@ -263,7 +266,7 @@ def test_real_smollm2_mmlu_and_boolq(real_assets):
     assert {s: out["mmlu"]["subtasks"][s] for s in by_hand} == by_hand
     assert 0 < sum(by_hand.values()) < MMLU_BY_HAND, "both outcomes, so the check can fail"
 
-    boolq = benchmarks.evaluate(model, tokenizer, ["boolq"], limit=8)["boolq"]
+    boolq = run.evaluate(model, tokenizer, ["boolq"], limit=8)["boolq"]
     margins = boolq_margins(model, tokenizer, 8)
     assert min(margins) < 0 < max(margins), "the real model answers both ways"
     value, stderr = boolq_by_hand(margins)

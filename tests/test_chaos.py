@@ -67,7 +67,7 @@ def test_the_checks_catch_a_damaged_store_and_a_changed_table(scenario):
 
     root = Path(stores.root("killed"))
     manifest = json.loads(next(root.glob("heal/*/manifest.json")).read_text())
-    from layerprune.store import ArtifactStore
+    from layerprune.store.artifacts import ArtifactStore
 
     files = ArtifactStore(str(root)).local_dir("heal", manifest["key"])
     (files / "heal.json").write_bytes((files / "heal.json").read_bytes() + b" ")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerprune.cli import main
-from layerprune.models import load_model
+from layerprune.models.loading import load_model
 from tests.conftest import TEXTS
 
 
@@ -174,8 +174,8 @@ def test_cli_choices_are_the_librarys(capsys):
     module to build itself): a healing method or logits mode added to the library must reach
     the CLI.
     Catches a fifth healing method missing from `--method`."""
-    from layerprune.heal import HealConfig
-    from layerprune.heal_validation import METHODS
+    from layerprune.heal.config import HealConfig
+    from layerprune.heal.config import METHODS
 
     heal = ["heal", "--model", "m", "--data", "d", "--out", "o"]
     assert _choices(heal + ["--method", "bogus"], capsys) == list(METHODS)

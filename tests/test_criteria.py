@@ -1,4 +1,4 @@
-"""Block criteria (layerprune.criteria, prune.choose_layers): each choice against a brute-force
+"""Block criteria (layerprune.method.criteria, prune.choose_layers): each choice against a brute-force
 computation on a tiny model that shares none of the library's code path (no hooks, no
 removed_layers, no batching), the random baseline's guarantees, and `layerprune prune` with the
 new strategies and --layers."""
@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune import calibration, criteria, distances as dist, hidden_states, prune
-from layerprune.batching import batches, pad_token_id
+from layerprune.method import calibration
+from layerprune.method import criteria
+from layerprune.method import distances as dist
+from layerprune.method import hidden_states
+from layerprune.method import prune
+from layerprune.method.batching import batches, pad_token_id
 from layerprune.cli import main
 from layerprune.errors import LayerPruneError
-from layerprune.models import base_model, decoder_layers, layer_list_owner, load_model
+from layerprune.models.loading import base_model, decoder_layers, layer_list_owner, load_model
 from tests.conftest import TEXTS
 
 

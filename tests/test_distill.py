@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from layerprune import heal as heal_mod
+from layerprune.heal import run as heal_mod
+from layerprune.heal import config
 from layerprune.cli import main
-from layerprune.distill import (CACHE, CACHE_RECORD, choose_teacher_logits, distillation_loss,
+from layerprune.heal.distill import (CACHE, CACHE_RECORD, choose_teacher_logits, distillation_loss,
                                 estimate_bytes, kl_to_teacher, teacher_top_k, train_distilled)
 from layerprune.errors import LayerPruneError
-from layerprune.heal import HealConfig, heal, method_config
+from layerprune.heal.run import heal
+from layerprune.report.figures import heal_curve
+from layerprune.heal.config import HealConfig, method_config
 
 WORDS = {"adj": "red big small old new blue quiet".split(),
          "noun": "cat dog mat park house river tree bird".split(),
@@ -121,6 +124,7 @@ def distilled(request, pruned, text, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"distilled-{request.param}") / "out"
     record = heal(str(pruned), text, str(out), fast(teacher_logits=request.param),
                   method="distill")
+    heal_curve(out)  # what the CLI and the flow draw beside the library's loss_curve.json
     return out, record
 
 
@@ -210,7 +214,7 @@ def test_distill_resumes_with_the_cache_checked(damage, uninterrupted, pruned, t
     elif damage == "delete cache record":  # a kill between the cache's rename and its record
         (tmp_path / "ckpt" / CACHE_RECORD).unlink()
     steps = []
-    with caplog.at_level(logging.INFO, logger="layerprune.heal"):
+    with caplog.at_level(logging.INFO, logger="layerprune.heal.run"):
         record = heal(str(pruned), text, str(tmp_path / "out"), fast(**RESUMABLE),
                       method="distill", checkpoint_dir=str(tmp_path / "ckpt"),
                       progress=lambda step, total: steps.append(step))
@@ -232,7 +236,7 @@ def test_distill_resumes_with_the_cache_checked(damage, uninterrupted, pruned, t
 def test_linear_and_linear_distill_through_heal(pruned, text, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from layerprune import linear_patch
+    from layerprune.heal import linear_patch
 
     linear = heal(str(pruned), text, str(tmp_path / "linear"), fast(), method="linear")
     assert linear["method"] == "linear" and linear["tokens_seen"] == 0
@@ -316,7 +320,7 @@ def test_method_config_keys_only_what_changes_each_result():
     for bad in ({"temperature": 0}, {"kl_weight": 1.5}, {"teacher_logits": "disk"},
                 {"top_k": 0}, {"linear_samples": 0}):
         with pytest.raises(LayerPruneError, match=f"heal config: {next(iter(bad))}"):
-            heal_mod.check_config(bad)
+            config.check_config(bad)
 
 
 def test_auto_teacher_logits_fit_rule(pruned, tiny_models):
@@ -362,5 +366,6 @@ def test_bad_methods_and_teachers_are_refused_before_work(pruned, tiny_models, t
     # no prune.json: nothing names a source
     refused(tiny_models["llama"], "teacher: method 'distill' needs a teacher",
             method="distill")
-    refused(tiny_models["llama"], "method 'linear' needs the pruned checkpoint's prune.json",
-            method="linear", teacher=tiny_models["llama"])
+    for method in ("linear", "linear+distill"):  # the patch's own check, made once, up front
+        refused(tiny_models["llama"], "has no prune.json; the linear patch needs a checkpoint "
+                "written by `layerprune prune`", method=method, teacher=tiny_models["llama"])

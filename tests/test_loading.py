@@ -1,4 +1,4 @@
-"""How a model is held (layerprune.models): auto dtype/device, bitsandbytes quantization,
+"""How a model is held (layerprune.models.loading): auto dtype/device, bitsandbytes quantization,
 device_map with disk offload, and hub models pinned to a commit. Every stage asks `load_model`,
 so these paths serve extraction, loss, evaluation and pruning alike."""
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from layerprune.api import model_spec
-from layerprune.calibration import tokenize
+from layerprune.method.calibration import tokenize
 from layerprune.errors import LayerPruneError
-from layerprune.hidden_states import last_token_states
-from layerprune.loss import next_token_loss
-from layerprune.models import decoder_layers, load_model
-from layerprune.placement import dtype_name, parse_size
-from layerprune.prune import removed_layers
+from layerprune.method.hidden_states import last_token_states
+from layerprune.method.loss import next_token_loss
+from layerprune.models.loading import decoder_layers, load_model
+from layerprune.models.placement import dtype_name, parse_size
+from layerprune.method.prune import removed_layers
 from tests.conftest import TEXTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,14 +102,15 @@ def test_lm_eval_tasks_run_on_a_4bit_model(llama_64, real_assets):
     """lm-eval's HFLM (our SharedPrefixHFLM) takes a bitsandbytes model as it is: no .to(),
     no dtype cast of 4-bit weights (either raises), and scores what a plain forward pass of
     the 4-bit model gives (tests/test_benchmarks.py computes BoolQ accuracy by hand)."""
-    from layerprune import benchmarks
+    from layerprune.evaluate import benchmarks
+    from layerprune.evaluate import run
     from tests.test_benchmarks import boolq_by_hand, boolq_margins, yes_bias_between, yes_biased
 
     quant = load_model(llama_64, quantization="nf4")
     margins = boolq_margins(quant.model, quant.tokenizer, 4)
     bias = yes_bias_between(margins)  # the random model answers both ways
     with yes_biased(quant.model, quant.tokenizer, bias):
-        metrics = benchmarks.evaluate(quant.model, quant.tokenizer, ["boolq"], limit=4)
+        metrics = run.evaluate(quant.model, quant.tokenizer, ["boolq"], limit=4)
     value, _ = boolq_by_hand(margins, yes_bias=bias)
     assert metrics["boolq"]["n"] == 4 and metrics["boolq"]["value"] == pytest.approx(value)
 
@@ -157,7 +158,7 @@ def _cache_snapshot(cache: Path, repo: str, commit: str, source: str) -> None:
 PINNING_SCRIPT = textwrap.dedent('''
     import json, sys
     import huggingface_hub
-    from layerprune.models import fingerprint, load_model
+    from layerprune.models.loading import fingerprint, load_model
     from tasks.models import describe_model, pinned
     from layerprune.config import ModelSpec
 

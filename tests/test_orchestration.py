@@ -32,8 +32,8 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
 
-from layerprune.remote import StoreUnavailable, check_reachable
-from layerprune.store import ArtifactStore
+from layerprune.store.remote import StoreUnavailable, check_reachable
+from layerprune.store.artifacts import ArtifactStore
 from tasks.results import read_run_summary
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from layerprune import prune
+from layerprune.method import prune
+from layerprune.method import layer_config
 from layerprune.errors import LayerPruneError
-from layerprune.models import decoder_layers, load_model
+from layerprune.models.loading import decoder_layers, load_model
 
 
 def _logits(model, ids):
@@ -84,7 +85,7 @@ def test_config_updates_remaps_every_kind_of_layer_field():
               "moe_layers": [1, 3, 4], "cross_attention_layers": [2],  # index lists
               "sliding_window_pattern": 2, "num_nextn_predict_layers": 1, "hidden_size": 32,
               "eos_token_id": [1, 2, 3, 4, 5]}  # as long as the stack, but no layer field
-    assert prune.config_updates(values, [1, 2], 5) == {
+    assert layer_config.config_updates(values, [1, 2], 5) == {
         "layer_types": ["a", "d", "e"], "no_rope_layers": (1, 0, 1), "max_window_layers": 1,
         "first_k_dense_replace": 1, "moe_layers": [1, 2], "cross_attention_layers": [],
         "num_hidden_layers": 3}
@@ -94,10 +95,10 @@ def test_config_updates_makes_a_sparse_step_explicit():
     # step 3: layers 2 and 5 are MoE, but 5 is listed dense; drop 0 -> old 2 is the only MoE one
     values = {"num_hidden_layers": 6, "num_experts": 4, "decoder_sparse_step": 3,
               "mlp_only_layers": [5]}
-    assert prune.config_updates(values, [0], 6) == {
+    assert layer_config.config_updates(values, [0], 6) == {
         "decoder_sparse_step": 1, "mlp_only_layers": [0, 2, 3, 4], "num_hidden_layers": 5}
     values["num_experts"] = 0  # no experts: every layer is dense whatever the step says
-    assert prune.config_updates(values, [0], 6) == {"mlp_only_layers": [4],
+    assert layer_config.config_updates(values, [0], 6) == {"mlp_only_layers": [4],
                                                     "num_hidden_layers": 5}
 
 
@@ -105,21 +106,21 @@ def test_config_updates_refuses_fields_it_cannot_remap():
     from transformers import Gemma3nTextConfig, JambaConfig
 
     with pytest.raises(LayerPruneError, match="hidden_size_per_layer_input"):
-        prune.config_updates(prune.config_values(Gemma3nTextConfig()), [1], 35)
+        layer_config.config_updates(layer_config.config_values(Gemma3nTextConfig()), [1], 35)
     with pytest.raises(LayerPruneError, match="expert_layer_period"):
-        prune.config_updates(prune.config_values(JambaConfig()), [1], 32)
+        layer_config.config_updates(layer_config.config_values(JambaConfig()), [1], 32)
     with pytest.raises(LayerPruneError, match="num_kv_shared_layers"):
-        prune.config_updates({"num_kv_shared_layers": 2, "num_hidden_layers": 4}, [1], 4)
+        layer_config.config_updates({"num_kv_shared_layers": 2, "num_hidden_layers": 4}, [1], 4)
     with pytest.raises(LayerPruneError, match="layer_types has 3 entries"):
-        prune.config_updates({"layer_types": ["a", "b", "c"]}, [1], 4)
+        layer_config.config_updates({"layer_types": ["a", "b", "c"]}, [1], 4)
     with pytest.raises(LayerPruneError, match="distinct indices in 0..3"):
-        prune.config_updates({}, [1, 1], 4)
+        layer_config.config_updates({}, [1, 1], 4)
 
 
 def test_config_values_reads_standard_names_through_aliases(tiny_models):
     from transformers import AutoConfig
 
-    values = prune.config_values(AutoConfig.from_pretrained(tiny_models["gpt2"]))
+    values = layer_config.config_values(AutoConfig.from_pretrained(tiny_models["gpt2"]))
     assert values["num_hidden_layers"] == 4 and "n_layer" not in values
 
 

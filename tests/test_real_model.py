@@ -18,9 +18,9 @@ N = 4
 def loss_by_hand(model: str) -> float:
     """Mean next-token cross-entropy of the 16 held-out records (first 64 tokens each), one
     record per forward pass: no batching, padding or masking to get wrong."""
-    from layerprune.calibration import tokenize
-    from layerprune.data import read_records
-    from layerprune.models import load_model
+    from layerprune.method.calibration import tokenize
+    from layerprune.method.data import read_records
+    from layerprune.models.loading import load_model
 
     loaded = load_model(model)
     nats, tokens = 0.0, 0

@@ -9,7 +9,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from layerprune.scoring import MIN_SHARED_PREFIX, SharedPrefixHFLM, group_rows
+from layerprune.evaluate.scoring import MIN_SHARED_PREFIX, SharedPrefixHFLM, group_rows
 
 # Five "examples" shared by every question, as in a few-shot prompt: ~120 tokens, longer than
 # MIN_SHARED_PREFIX and than the tiny models' 4-token sliding windows.
@@ -85,7 +85,7 @@ def test_scores_equal_stock_hflm_for_fewer_tokens_and_logits(tiny_model, tokeniz
 
 @pytest.mark.real
 def test_real_smollm2_scores_equal_stock_hflm(real_assets):
-    from layerprune.models import load_model
+    from layerprune.models.loading import load_model
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
     assert_same_scores_for_less_work(loaded.model, loaded.tokenizer)

@@ -1,4 +1,4 @@
-"""`layerprune speed` and `layerprune.speed.measure`: the inference cost of a pruned variant.
+"""`layerprune speed` and `layerprune.evaluate.speed.measure`: the inference cost of a pruned variant.
 
 Timing figures themselves cannot be asserted on a shared CPU; what is asserted is what makes
 them mean something: the sizes of each side (against the checkpoint's own tensors), that the
@@ -18,8 +18,8 @@ import pytest
 from safetensors.torch import load_file
 
 from layerprune.cli import main
-from layerprune.models import load_model, num_layers
-from layerprune.speed import measure
+from layerprune.models.loading import load_model, num_layers
+from layerprune.evaluate.speed import measure
 
 # The decoder layers' tensors in a saved checkpoint: model.layers.<i>. (Llama, Qwen2, Gemma-3)
 # or transformer.h.<i>. (GPT-2).

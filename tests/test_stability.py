@@ -1,6 +1,6 @@
-"""The stability of the block choice (layerprune.stability): fold choices and bootstrap intervals
+"""The stability of the block choice (layerprune.method.stability): fold choices and bootstrap intervals
 checked against plain numpy loops over the samples, on synthetic states whose answer is known,
-and the files and errors of `distances.compute` and `layerprune distances`."""
+and the files and errors of `stability.write_distances` and `layerprune distances`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerprune import distances, stability
+from layerprune.method import distances
+from layerprune.method import stability
+from layerprune.report.figures import STABILITY_FIGURE, draw_distances
 from layerprune.cli import main
 from layerprune.errors import LayerPruneError
 
@@ -169,11 +171,12 @@ def test_bad_options(folds, bootstrap, phrase):
 
 def test_compute_writes_the_stability_files(tmp_path):
     states = clear_states(samples=12)
-    doc = distances.compute(states, tmp_path, title="t", folds=2, bootstrap=30)
+    doc = stability.write_distances(states, tmp_path, folds=2, bootstrap=30)
+    draw_distances(doc, tmp_path, title="t")
     saved = json.loads((tmp_path / stability.STABILITY_FILE).read_text())
     assert saved == doc["stability"] and saved["folds"]["k"] == 2
     assert saved["bootstrap"]["resamples"] == 30
-    assert (tmp_path / stability.STABILITY_FIGURE).stat().st_size > 5000
+    assert (tmp_path / STABILITY_FIGURE).stat().st_size > 5000
     on_disk = json.loads((tmp_path / distances.DISTANCES_FILE).read_text())
     assert set(on_disk) == {"num_layers", "n_samples", "distance"}  # unchanged format
     assert on_disk["distance"] == distances.triangle(distances.pairwise_mean_distance(states))
@@ -193,7 +196,7 @@ def test_cli_writes_stability_and_skips_folds_when_samples_are_few(tiny_models, 
     doc = json.loads((tmp_path / "d" / stability.STABILITY_FILE).read_text())
     assert doc["folds"]["sizes"] == [3, 3] and doc["bootstrap"]["resamples"] == 10
     assert printed["stability"] == stability.summary_line(doc)
-    assert (tmp_path / "d" / stability.STABILITY_FIGURE).is_file()
+    assert (tmp_path / "d" / STABILITY_FIGURE).is_file()
     # The default 3 folds need 3 samples: with 2 the check is skipped, saying why.
     assert _cli(model, texts_jsonl, tmp_path / "two", 2) == 0
     doc = json.loads((tmp_path / "two" / stability.STABILITY_FILE).read_text())

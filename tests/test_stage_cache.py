@@ -10,8 +10,9 @@ import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from layerprune.leases import new_id
-from layerprune.store import MANIFEST, ArtifactStore, stage_key
+from layerprune.store.leases import new_id
+from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.manifests import MANIFEST, stage_key
 from tasks.common import run_stage, stage_policy, stage_task
 
 BUILDS: list[int] = []  # how many times the stage body really ran

@@ -1,4 +1,4 @@
-"""The artifact store under concurrency, crashes and damage (layerprune.store, leases, gc).
+"""The artifact store under concurrency, crashes and damage (layerprune.store.artifacts, leases, gc).
 
 Writers are separate processes started together, on a local store and on a real S3 endpoint
 (moto on loopback), each publishing *different* bytes for one key, so that a mix of two writers
@@ -19,14 +19,15 @@ from pathlib import Path
 import pytest
 
 from e2e_services import start_moto
-from layerprune.leases import Lease, leased_dir
-from layerprune.maintenance import collect_garbage, parse_age, verify_store
-from layerprune.store import MANIFEST, ArtifactDamaged, ArtifactStore
+from layerprune.store.leases import Lease, leased_dir
+from layerprune.store.maintenance import collect_garbage, parse_age, verify_store
+from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.manifests import MANIFEST, ArtifactDamaged
 
 WRITER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from layerprune.store import ArtifactStore
+    from layerprune.store.artifacts import ArtifactStore
     root, wid, start_at, work = sys.argv[1:]
     work = Path(work)
     (work / "sub").mkdir(parents=True)
@@ -149,7 +150,7 @@ def _scratch_with(store: ArtifactStore, text: str) -> Path:
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from layerprune.leases import leased_dir
+    from layerprune.store.leases import leased_dir
     with leased_dir(Path(sys.argv[1]), "heal-k"):
         print("held", flush=True)
         time.sleep(600)

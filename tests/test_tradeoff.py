@@ -1,5 +1,5 @@
-"""The per-model trade-off picture (layerprune/tradeoff.py) and the report's error bars
-(layerprune.figures.error_bar, tasks.report's table and base line, the random row)."""
+"""The per-model trade-off picture (layerprune/report/tradeoff.py) and the report's error bars
+(layerprune.report.figures.error_bar, tasks.report's table and base line, the random row)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 import matplotlib.image
 import pytest
 
-from layerprune.figures import error_bar, metric_curves
-from layerprune.tradeoff import pareto_best, pareto_front, tradeoff_figure
+from layerprune.report.figures import error_bar, metric_curves
+from layerprune.report.tradeoff import pareto_best, pareto_front, tradeoff_figure
 from tasks.report import base_line, random_row, with_error_bars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
