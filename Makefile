@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export LAYERPRUNE_ARTIFACTS ?= $(CURDIR)/artifacts
 
-.PHONY: install lock assets demo test test-fast bench clean browser
+.PHONY: install lock assets demo test test-fast bench clean browser services
 
 install: $(STAMP)
 
@@ -58,10 +58,26 @@ browser:
 	         "tests/test_leaderboard.py will skip its browser checks"; \
 	  fi; }
 
+# tests/test_production_server.py runs the production server stack for real: PostgreSQL (its
+# server binaries; Debian's `postgresql`) and Redis (Debian's `redis-server`), each started by
+# the test on 127.0.0.1 in a temporary directory. Installed here when missing, as chromium is.
+services:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	    systemctl disable --now redis-server postgresql >/dev/null 2>&1 || true; \
+	  else \
+	    echo "missing:$$missing (install them: tests/test_production_server.py needs them)"; \
+	  fi; \
+	fi
+
 # lint-imports first: a wrong import fails here with a message that names it (the contracts are
 # in pyproject.toml; docs/architecture.md). OMP_NUM_THREADS=1: with another process busy,
 # torch's default threads ran 100x slower here.
-test: assets browser
+test: assets browser services
 	$(VENV)/bin/lint-imports --no-cache
 	OMP_NUM_THREADS=1 PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q
 

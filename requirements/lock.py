@@ -8,7 +8,7 @@ Writes, with uv's resolver (`uv pip compile --universal --generate-hashes`: plat
 kept, every file of each pinned version hashed, so one lock serves any Linux x86_64 / aarch64
 CPython >= 3.11):
 
-- requirements/cpu.txt:  pyproject.toml with the `eval` and `dev` extras, torch's CPU build,
+- requirements/cpu.txt:  pyproject.toml with the `eval`, `dev` and `server` extras, torch's CPU build,
   the build backend. `make install` (so CI, whose .ci/run calls `make test`) and
   docker/Dockerfile.cpu install it with `pip install --require-hashes --no-deps`.
 - requirements/cuda.txt: the same with PyPI's CUDA torch and its CUDA libraries, every other
@@ -43,7 +43,7 @@ PYTHON = "3.11"  # the images' Python (python:3.11-slim) and this machine's
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu/torch/"
 COMMON = ["pip", "compile", "--universal", "--python-version", PYTHON, "--generate-hashes",
           "--custom-compile-command", "make lock", "--quiet"]
-PROJECT = ["pyproject.toml", "--extra", "eval", "--extra", "dev"]
+PROJECT = ["pyproject.toml", "--extra", "eval", "--extra", "dev", "--extra", "server"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 

@@ -9,6 +9,7 @@ started. Everything binds to 127.0.0.1 on a free port.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,3 +136,118 @@ def run_deploy_script(env: dict, gpu_slots: int) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=600,
                           env={**env, "PREFECT": str(BIN / "prefect"),
                                "GPU_SLOTS": str(gpu_slots)})
+
+
+# --- the production server stack (docs/operations.md, "Production server") -------------------
+# PostgreSQL for the database, Redis for messaging, event ordering, concurrency leases and the
+# docket, API servers started with --no-services and the background services once.
+
+def postgres_bin() -> Path:
+    """The newest PostgreSQL server binaries installed (Debian: /usr/lib/postgresql/<v>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name))
+    if not found:
+        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql "
+                           "(Debian package postgresql; `make services` installs it)")
+    return found[-1].parent
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the `postgres` system user."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:`port`, with database `prefect` and the
+    pg_trgm extension Prefect needs, in a temporary directory of its own (the `postgres` user
+    must reach it, which pytest's private tmp directories do not allow); `stop()` removes it."""
+
+    def __init__(self):
+        import tempfile
+
+        base = self.base = Path(tempfile.mkdtemp(prefix="layerprune-postgres-"))
+        self.data, self.sockets, self.port = base / "pgdata", base / "pgsock", free_port()
+        self.log = base / "postgres.log"
+        for d in (base, self.data, self.sockets):
+            d.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(base, "postgres")
+            for d in (self.data, self.sockets):
+                shutil.chown(d, "postgres")
+            self.log.touch()
+            shutil.chown(self.log, "postgres")
+        bin_dir = postgres_bin()
+        subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(self.data), "-A",
+                                     "trust", "-U", "postgres"]),
+                       check=True, capture_output=True, timeout=120)
+        self._pg_ctl = bin_dir / "pg_ctl"
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1"
+        subprocess.run(_as_postgres([str(self._pg_ctl), "-D", str(self.data), "-o", options,
+                                     "-l", str(self.log), "-w", "start"]),
+                       check=True, capture_output=True, timeout=120)
+        self.sql("create database prefect")
+        self.sql("create extension if not exists pg_trgm", database="prefect")
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        out = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                              "-d", database, "-tAc", statement], check=True, text=True,
+                             capture_output=True, timeout=60)
+        return out.stdout.strip()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
+
+    def stop(self) -> None:
+        subprocess.run(_as_postgres([str(self._pg_ctl), "-D", str(self.data), "-m", "fast",
+                                     "-w", "stop"]), capture_output=True, timeout=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_redis(env: dict, log_dir: Path) -> tuple[Service, str]:
+    """redis-server on 127.0.0.1, nothing persisted (Debian's `redis-server`)."""
+    port = free_port()
+    svc = Service("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no"], env, log_dir)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return svc, f"redis://127.0.0.1:{port}"
+        except OSError:
+            if not svc.alive():
+                raise RuntimeError(f"redis exited:\n{svc.tail()}") from None
+            time.sleep(0.2)
+    raise TimeoutError(f"redis not answering on {port}:\n{svc.tail()}")
+
+
+def production_env(env: dict, database_url: str, redis_url: str) -> dict:
+    """The environment of every API server and of the services process (docs/operations.md)."""
+    return {**env,
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+            "PREFECT_SERVER_DATABASE_MIGRATE_ON_START": "false",  # `database upgrade`, once
+            "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+            "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+            "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+            "PREFECT_REDIS_MESSAGING_URL": f"{redis_url}/0",
+            "PREFECT_SERVER_DOCKET_URL": f"{redis_url}/1"}
+
+
+def start_prefect_api(env: dict, log_dir: Path, name: str = "prefect-api",
+                      port: int | None = None) -> tuple[Service, str]:
+    """One API server without background services (several may share one database)."""
+    port = port or free_port()
+    svc = Service(name, [str(BIN / "prefect"), "server", "start", "--no-services", "--host",
+                         "127.0.0.1", "--port", str(port)], env, log_dir)
+    api = f"http://127.0.0.1:{port}/api"
+    wait_http(f"{api}/health", svc, 120)
+    return svc, api
+
+
+def start_prefect_services(env: dict, log_dir: Path) -> Service:
+    """The background services (scheduler, repossessor of expired leases, ...), run once."""
+    return Service("prefect-services", [str(BIN / "prefect"), "server", "services", "start"],
+                   env, log_dir)
