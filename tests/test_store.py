@@ -28,8 +28,29 @@ WRITER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
     from layerprune.store.artifacts import ArtifactStore
-    root, wid, start_at, work = sys.argv[1:]
-    work = Path(work)
+    root, wid, start_at, work, barrier, writers, commit = sys.argv[1:]
+    work, barrier = Path(work), Path(barrier)
+
+    def meet():  # every writer waits here until all of them have come
+        (barrier / wid).touch()
+        while len(list(barrier.iterdir())) < int(writers):
+            time.sleep(0.01)
+
+    real = ArtifactStore._commit
+
+    def paused(self, target, data, replace):  # the real, exclusive commit, after the meeting
+        meet()
+        return real(self, target, data, replace)
+
+    def check_then_replace(self, target, data, replace):  # a wrong commit: check, then write
+        taken = self.fs.exists(target)
+        meet()  # every writer has checked, none has written
+        if taken:
+            return False
+        self.fs.pipe_file(target, data)
+        return True
+
+    ArtifactStore._commit = {"exclusive": paused, "check-then-replace": check_then_replace}[commit]
     (work / "sub").mkdir(parents=True)
     (work / "who.txt").write_text(wid * 1000)
     (work / "sub" / "data.bin").write_bytes(os.urandom(3 << 20))  # over SMALL_FILE
@@ -40,10 +61,17 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _race(root: str, work_base: Path, writers: int, env: dict | None = None) -> list[dict]:
+def _race(root: str, work_base: Path, writers: int, env: dict | None = None,
+          commit: str = "exclusive") -> list[dict]:
+    """`writers` processes publish one key; all of them reach the commit point before any
+    commits (a barrier), so the writers always meet there: a commit that is not exclusive lets
+    more than one win, every time, instead of only when the timing happens to collide."""
     start_at = time.time() + 4  # every process imported and waiting by then
+    barrier = work_base / f"barrier-{commit}"
+    barrier.mkdir(parents=True)
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, root, str(i), str(start_at),
-                               str(work_base / f"w{i}")], stdout=subprocess.PIPE, text=True,
+                               str(work_base / f"w{i}"), str(barrier), str(writers), commit],
+                              stdout=subprocess.PIPE, text=True,
                               env=env or os.environ.copy()) for i in range(writers)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -69,6 +97,16 @@ def test_concurrent_writers_of_one_key_on_a_local_store(tmp_path):
     root.mkdir()
     results = _race(str(root), root / ".scratch", writers=4)
     _check_one_winner(ArtifactStore(str(root)), results)
+
+
+def test_the_race_catches_a_commit_that_is_not_exclusive(tmp_path):
+    """The same race with a check-then-write commit: every writer checks before any writes
+    (the barrier), so each believes it won and they return different results. This is what
+    the test above would see of a non-exclusive commit, on every run."""
+    root = tmp_path / "store"
+    root.mkdir()
+    results = _race(str(root), root / ".scratch", writers=3, commit="check-then-replace")
+    assert len({r["attempt"] for r in results}) == 3
 
 
 @pytest.fixture(scope="module")
