@@ -1,15 +1,26 @@
 # prune-and-heal: `make demo` runs the pipeline on real SmolLM2, `make test` runs the tests.
 # Both install into .venv on first use, from a lock file with every dependency pinned and
-# hash-checked: requirements/cpu.txt (torch's CPU build) by default; on a Linux GPU box with
-# Python 3.11, `make install LOCK=requirements/cuda.txt` (PyPI's CUDA torch). `make lock`
+# hash-checked: requirements/cpu.txt (torch's CPU build) by default; on a Linux GPU box,
+# `make install LOCK=requirements/cuda.txt` (PyPI's CUDA torch). The locks cover CPython 3.11
+# on Linux x86_64 (requirements/check_python.py says so, in one line, anywhere else). `make lock`
 # regenerates the locks (requirements/lock.py) after a change to pyproject.toml.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-LOCK ?= requirements/cpu.txt
+# The lock .venv was installed from (.venv/.lock) stays the lock: a plain `make demo` after
+# `make install LOCK=requirements/cuda.txt` keeps CUDA torch. Give LOCK=... to change it.
+LOCK ?= $(or $(shell cat $(VENV)/.lock 2>/dev/null),requirements/cpu.txt)
 STAMP := $(VENV)/.installed-$(notdir $(LOCK))
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+# The CPU lock pins torch's CPU build (x.y.z+cpu), which PyPI does not host: it comes from
+# PyTorch's CPU index, unless pip's own configuration already has that very file (a local wheel
+# directory, as on these machines; --require-hashes checks it is the same file either way).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+torch_cpu_pin = $(shell grep -o '^torch==[^ ]*+cpu' $(LOCK) 2>/dev/null)
+torch_found_here = $(shell $(PYTHON) -m pip install --quiet --dry-run --no-index --no-deps \
+	--ignore-installed '$(torch_cpu_pin)' >/dev/null 2>&1 && echo yes)
+torch_index = $(if $(torch_cpu_pin),$(if $(torch_found_here),,--extra-index-url $(TORCH_CPU_INDEX)))
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -26,12 +37,14 @@ install: $(STAMP)
 # .venv is updated in place when the lock changes; what a newer lock dropped stays in it until
 # `make clean install`.
 $(STAMP): pyproject.toml requirements/pip.txt $(LOCK)
+	@$(PYTHON) requirements/check_python.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --require-hashes --no-deps -r requirements/pip.txt
-	$(PIP_INSTALL) --require-hashes --no-deps -r $(LOCK)
+	$(PIP_INSTALL) --require-hashes --no-deps $(torch_index) -r $(LOCK)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	rm -f $(VENV)/.installed*
+	echo $(LOCK) > $(VENV)/.lock
 	touch $(STAMP)
 
 # Needs PyPI; keeps every pin that still resolves. Upgrades: make lock LOCK_ARGS=--upgrade,

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -281,3 +282,62 @@ def test_images_install_exactly_their_lock(image, lock):
     index = split_args(installs[1])[0].get("--extra-index-url", [])
     # torch's CPU build is only on PyTorch's CPU index; the CUDA build is PyPI's own
     assert index == (["https://download.pytorch.org/whl/cpu"] if image.endswith("cpu") else [])
+
+
+def _without_pip_configuration(tmp_path) -> dict:
+    """An environment with no pip configuration at all (no config file, no PIP_* variables), as
+    on a machine outside this workplace."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MAKE", "PIP_")) and k != "VIRTUAL_ENV"}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
+
+
+def _lock_install(env: dict, *args: str) -> list[str]:
+    run = subprocess.run(["make", "-n", "-B", "-C", str(REPO), "--no-print-directory",
+                          "install", *args], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    return [a for a in pip_installs(commands(run.stdout)) if "-r" in a and
+            not any(x.endswith("pip.txt") for x in a)][0]
+
+
+def test_cpu_torch_comes_from_pytorchs_cpu_index_where_pip_has_no_copy(tmp_path):
+    """PyPI does not host torch's +cpu builds: with no pip configuration the CPU lock's install
+    names PyTorch's CPU index (catches a Makefile that works only where pip is configured with a
+    local wheel directory); the CUDA lock (PyPI's torch) names none."""
+    bare = _without_pip_configuration(tmp_path)
+    options, _ = split_args(_lock_install(bare))
+    assert options.get("--extra-index-url") == ["https://download.pytorch.org/whl/cpu"]
+    options, _ = split_args(_lock_install(bare, "LOCK=requirements/cuda.txt"))
+    assert "--extra-index-url" not in options
+
+
+def test_a_gpu_install_stays_a_gpu_install(tmp_path):
+    """After `make install LOCK=requirements/cuda.txt`, a plain make target keeps that lock (the
+    venv remembers it) instead of putting CPU torch back; LOCK=... still chooses."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".lock").write_text("requirements/cuda.txt\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    options, _ = split_args(_lock_install(env, f"VENV={venv}"))
+    assert options["-r"] == ["requirements/cuda.txt"]
+    options, _ = split_args(_lock_install(env, f"VENV={venv}", "LOCK=requirements/cpu.txt"))
+    assert options["-r"] == ["requirements/cpu.txt"]
+    assert [f"echo requirements/cuda.txt > {venv}/.lock"] != []  # written by the recipe:
+    run = subprocess.run(["make", "-n", "-B", "-C", str(REPO), "--no-print-directory", "install",
+                          f"VENV={venv}"], capture_output=True, text=True, env=env, timeout=120)
+    assert f"echo requirements/cuda.txt > {venv}/.lock" in run.stdout
+
+
+@pytest.mark.parametrize("python, machine, ok", [((3, 11), "x86_64", True),
+                                                  ((3, 12), "x86_64", False),
+                                                  ((3, 11), "aarch64", False)])
+def test_make_install_says_in_one_line_when_the_locks_do_not_fit(python, machine, ok):
+    script = (REPO / "requirements" / "check_python.py").read_text()
+    fake = (f"import platform, sys\nplatform.machine = lambda: {machine!r}\n"
+            f"sys.version_info = {tuple(python) + (0, 'final', 0)!r}\n")
+    run = subprocess.run([sys.executable, "-c", fake + script], capture_output=True, text=True)
+    assert (run.returncode == 0) == ok
+    if not ok:
+        assert len(run.stderr.strip().splitlines()) == 1
+        assert "the locks cover CPython 3.11 on Linux x86_64" in run.stderr
