@@ -30,11 +30,16 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 GPU_LIMIT = "gpu"  # global concurrency limit: `prefect gcl create gpu --limit N` (make deploy)
 GPU_LEASE_S = 120.0  # default lease (module doc); LAYERPRUNE_GPU_LEASE_S overrides it
+# How long a run waits for its slots before failing with a clear error rather than waiting
+# forever (a leaked slot, a limit set too low): 6 h, the longest a 70B model's run holds them
+# (SweepParams.child_timeout_s). LAYERPRUNE_GPU_WAIT_S overrides it.
+GPU_WAIT_S = 6 * 3600.0
 
 
 def gpu_lease_s() -> float:
@@ -48,6 +53,23 @@ def gpu_lease_s() -> float:
         raise ValueError(f"LAYERPRUNE_GPU_LEASE_S must be a number of seconds from 60 (the "
                          f"Prefect server's minimum lease) to 86400, got {text!r}")
     return value
+
+
+def gpu_wait_s() -> float:
+    """Seconds a run waits for its `gpu` slots: $LAYERPRUNE_GPU_WAIT_S, else GPU_WAIT_S."""
+    text = os.environ.get("LAYERPRUNE_GPU_WAIT_S", "")
+    try:
+        value = float(text) if text else GPU_WAIT_S
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 7 * 86400:
+        raise ValueError(f"LAYERPRUNE_GPU_WAIT_S must be a number of seconds from 1 to 604800, "
+                         f"got {text!r}")
+    return value
+
+
+class GpuSlotsTimeout(TimeoutError):
+    """The run's `gpu` slots did not come free in time (gpu_wait_s)."""
 
 
 def gpu_job(gpu_count: int) -> dict:
@@ -87,13 +109,24 @@ class GpuSlots:
 
     def __enter__(self) -> GpuSlots:
         if self.count:
-            get_run_logger().info("waiting for %d slot(s) of the `%s` concurrency limit",
-                                  self.count, GPU_LIMIT)
-            # A context manager object is single-use: a fresh one per acquisition.
+            wait_s = gpu_wait_s()
+            get_run_logger().info("waiting for %d slot(s) of the `%s` concurrency limit (at "
+                                  "most %.0f s)", self.count, GPU_LIMIT, wait_s)
+            # A context manager object is single-use: a fresh one per acquisition. The holder
+            # is this flow run, so the UI shows who holds each GPU.
             held = concurrency(GPU_LIMIT, occupy=self.count, strict=True,
-                               lease_duration=gpu_lease_s(),
+                               lease_duration=gpu_lease_s(), timeout_seconds=wait_s,
+                               holder=ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id)
+                               if flow_run.id else None,
                                raise_on_lease_renewal_failure=False)
-            held.__enter__()
+            try:
+                held.__enter__()
+            except TimeoutError:
+                raise GpuSlotsTimeout(
+                    f"no {self.count} slot(s) of the `{GPU_LIMIT}` concurrency limit came free "
+                    f"within {wait_s:.0f} s (LAYERPRUNE_GPU_WAIT_S); see who holds them with "
+                    f"`prefect gcl inspect {GPU_LIMIT}`, and docs/operations.md on leaked "
+                    "slots") from None
             self._held = held
         return self
 

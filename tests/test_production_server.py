@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ HOLDER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from prefect import flow
+    from prefect.runtime import flow_run
     from tasks.gpus import GpuSlots
 
     ready, go = Path(sys.argv[1]), Path(sys.argv[2])
@@ -37,11 +39,24 @@ HOLDER = textwrap.dedent("""
     @flow(name="holds-a-gpu")
     def hold():
         with GpuSlots(1):
-            ready.write_text("held")
+            ready.write_text(str(flow_run.id))
             while not go.exists():
                 time.sleep(0.2)
 
     hold()
+""")
+
+# The holders of the `gpu` limit's leases, as the server's lease storage (Redis) keeps them.
+HOLDERS = textwrap.dedent("""
+    import asyncio, json, sys
+    from uuid import UUID
+    from prefect_redis.lease_storage import ConcurrencyLeaseStorage
+
+    async def main():
+        held = await ConcurrencyLeaseStorage().list_holders_for_limit(UUID(sys.argv[1]))
+        print(json.dumps([holder.model_dump(mode="json") for _, holder in held]))
+
+    asyncio.run(main())
 """)
 
 
@@ -100,6 +115,51 @@ def test_two_api_servers_share_one_migrated_postgres_database(stack):
                         "where table_name = 'flow_run'", database="prefect") == "1"
     assert postgres.sql("select extname from pg_extension where extname = 'pg_trgm'",
                         database="prefect") == "pg_trgm"
+
+
+def _holders(stack, api: str) -> list[dict]:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", HOLDERS, str(_gpu_limit(api).id)],
+                         env=stack["server_env"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def _hold(stack, url: str, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    ready, go = stack["base"] / f"{name}-ready", stack["base"] / f"{name}-go"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ready), str(go)],
+                            env={**stack["env"], "PREFECT_API_URL": url}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    return proc, ready, go
+
+
+def test_a_wait_for_gpu_slots_ends_in_a_clear_error_and_the_holder_is_the_flow_run(stack):
+    """Catches a wait with no timeout (this test would hang, then fail on its own timeout)
+    and slots held anonymously (the UI could not say which run holds a GPU)."""
+    (_, url), (_, other) = stack["apis"]
+    _cli(stack, url, "gcl", "update", "gpu", "--limit", "1")
+    holder, ready, go = _hold(stack, url, "first")
+    try:
+        assert _holders(stack, other) == [{"type": "flow_run", "id": ready.read_text()}]
+        started = time.time()
+        waiter = subprocess.run([sys.executable, "-c", HOLDER, str(stack["base"] / "never"),
+                                 str(stack["base"] / "never-go")], cwd=REPO, timeout=300,
+                                env={**stack["env"], "PREFECT_API_URL": url,
+                                     "LAYERPRUNE_GPU_WAIT_S": "5"},
+                                capture_output=True, text=True)
+        assert waiter.returncode != 0 and time.time() - started < 120
+        assert "no 1 slot(s) of the `gpu` concurrency limit came free within 5 s " \
+               "(LAYERPRUNE_GPU_WAIT_S)" in waiter.stdout + waiter.stderr
+        assert not (stack["base"] / "never").exists()
+    finally:
+        go.write_text("go")
+        holder.communicate(timeout=120)
+    _cli(stack, url, "gcl", "update", "gpu", "--limit", "2")
 
 
 def test_gpu_slots_survive_an_api_server_restart(stack):
