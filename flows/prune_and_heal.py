@@ -29,6 +29,8 @@ from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
 from layerprune.method.criteria import DATA_STRATEGIES
 from layerprune.method.data import check_source
 from layerprune.errors import LayerPruneError
+from layerprune.heal.config import PATCHED
+from layerprune.heal import linear_fit
 from layerprune.models.loading import check_context
 from layerprune.method.prune import check_block_size
 from layerprune.store.remote import check_reachable
@@ -67,9 +69,9 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     # A run from a deployment (UI, CLI, schedule, sweep) holds its `gpu_count` slots of the
     # global limit `gpu` from here on: taken by the run itself, so the limit covers every run
     # however started, and given back while heal-variant children heal (tasks/gpus.py).
-    # Re-measured speed must reach the report, whose key leaves the measured columns out.
-    refresh = {*params.refresh, *(["report"] if "speed" in params.refresh else [])}
-    with gpu_slots() as gpus, stage_policy(refresh, params.verify_artifacts):
+    # A refreshed stage refreshes its readers too (e.g. speed the report, whose key leaves the
+    # measured columns out: tasks.common.refreshed).
+    with gpu_slots() as gpus, stage_policy(params.refresh, params.verify_artifacts):
         summary = _prune_and_heal(params, gpus)
     write_run_summary(params.artifacts, flow_run.id, summary)  # for a parent (tasks/results.py)
     return summary
@@ -122,11 +124,9 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
             and r["meta"]["n"] in params.heal.block_sizes
             and r["meta"]["strategy"] in params.heal.strategies
             for method in params.heal.methods]
-    for recipe, method in [j for j in jobs if j[1].startswith("linear")
-                           and 0 in j[0]["meta"]["removed_layers"]]:
-        logger.warning("%s, n=%d: no linear patch: its removed layers start at layer 0, with no "
-                       "kept layer before them to fold the map into", recipe["meta"]["strategy"],
-                       recipe["meta"]["n"])
+    for recipe, method, why in refused_heals(jobs, model_info["num_layers"]):
+        logger.warning("%s, n=%d: not healed by %s: %s", recipe["meta"]["strategy"],
+                       recipe["meta"]["n"], method, why)
         jobs.remove((recipe, method))
     dispatched = []
     if jobs and params.heal.dispatch == "deployment":
@@ -158,6 +158,23 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
     return summary
 
 
+def refused_heals(jobs: list[tuple[dict, str]], num_layers: int) -> list[tuple[dict, str, str]]:
+    """(recipe, method, why) for each heal job that the library would refuse: a linear patch
+    (`PATCHED` methods) for removed layers that `layerprune.heal.linear_fit.check_runs` rejects
+    (a run starting at layer 0), why in its words. The rule is the library's, asked here, not
+    restated: the flow skips such a job with a warning, before any healing starts, instead of
+    failing its heal stage on it."""
+    refused = []
+    for recipe, method in jobs:
+        if method not in PATCHED:
+            continue
+        try:
+            linear_fit.check_runs(list(recipe["meta"]["removed_layers"]), num_layers)
+        except LayerPruneError as e:
+            refused.append((recipe, method, str(e)))
+    return refused
+
+
 def _check_contexts(params: PruneAndHealParams) -> None:
     """Every sequence length within the model's context, before any weights load (config only)."""
     m = params.model
@@ -176,7 +193,7 @@ def _check_contexts(params: PruneAndHealParams) -> None:
 def _check_heal_data(spec: HealSpec) -> None:
     """The healing text exists and, for the linear patch, holds its `linear_samples` records."""
     check_source(spec.data)
-    if any(m.startswith("linear") for m in spec.methods):
+    if any(m in PATCHED for m in spec.methods):
         try:
             sample_texts(spec.data, spec.config.linear_samples, text_field=spec.config.text_field)
         except LayerPruneError as e:

@@ -8,7 +8,10 @@ cache hit works from any worker. The store stays the source of truth:
 - before a stage task is called, its artifact is checked in the store (sizes always, checksums of
   small files, of all files with `verify`); a missing or damaged artifact makes Prefect ignore
   its cache record (`refresh_cache`), so the stage is recomputed with a warning, never a failed
-  run. `refresh` names stages to recompute regardless (`stage_policy`);
+  run. `refresh` names stages to recompute regardless (`stage_policy`), and with them every
+  stage that reads their measured results unkeyed (a stage task's `reads_measured`);
+- one stage call checks the stored artifact once: the verdict reached before Prefect's cache
+  lookup is handed to the task body (`run_stage`), which runs when Prefect's cache misses;
 - the task body returns the stored manifest when the stage is complete, so a rerun after a
   crash, or on another worker or Prefect server, redoes only what is missing;
 - publishing is safe under concurrency (layerprune.store.artifacts) and every attempt works in leased
@@ -51,15 +54,46 @@ _policy: contextvars.ContextVar[StagePolicy] = contextvars.ContextVar(
     "stage_policy", default=StagePolicy())
 
 
+# {stage: the stages that read its measured results}, from each stage task's `reads_measured`.
+_readers: dict[str, set[str]] = {}
+
+
+def refreshed(stages: Iterable[str]) -> frozenset[str]:
+    """`stages` and every stage that reads a measured result of one of them, transitively.
+
+    A measured result (a timing, a peak memory) differs between two computations of one key, so
+    a stage that reads it leaves it out of its own key (or the same inputs would give two keys);
+    computing the measuring stage again must then compute its readers again too, or they would
+    go on showing the old measurement under the same key. Readers are the stage tasks imported
+    so far (a stage that runs is imported)."""
+    found, todo = set(), list(stages)
+    while todo:
+        stage = todo.pop()
+        if stage not in found:
+            found.add(stage)
+            todo.extend(_readers.get(stage, ()))
+    return frozenset(found)
+
+
 @contextlib.contextmanager
 def stage_policy(refresh: Iterable[str] = (), verify: bool = False) -> Iterator[None]:
     """Within the block (a flow run; task runs inherit it), recompute the stages in `refresh`
-    and fully verify reused artifacts if `verify`."""
-    token = _policy.set(StagePolicy(frozenset(refresh), verify))
+    and their readers (`refreshed`), and fully verify reused artifacts if `verify`."""
+    token = _policy.set(StagePolicy(refreshed(refresh), verify))
     try:
         yield
     finally:
         _policy.reset(token)
+
+
+# What StageTask.__call__ found in the store for the call in progress, {(store_root, stage, key):
+# reusable manifest or None}, for that call's task body: when Prefect's cache misses although the
+# store holds the stage (its cache records were deleted, or written for another spelling of the
+# root), `run_stage` takes this verdict instead of reading and verifying the manifest again.
+# Python's context variables, which Prefect's task runs inherit (as they do `_policy`).
+_checked: contextvars.ContextVar[dict | None] = contextvars.ContextVar("stage_checked",
+                                                                      default=None)
+_UNCHECKED = object()
 
 
 def _store_tag(store_root: str) -> str:
@@ -71,8 +105,11 @@ class StageTask:
     cache record ignored when the store's copy is missing or damaged (see the module doc)."""
 
     def __init__(self, fn: Callable, stage: str, version: int, key_params: Callable[..., dict],
-                 options: dict):
+                 options: dict, reads_measured: Iterable[str] = ()):
         self.stage, self.version, self.key_params = stage, version, key_params
+        self.reads_measured = frozenset(reads_measured)
+        for measured in self.reads_measured:
+            _readers.setdefault(measured, set()).add(stage)
         self._names = list(inspect.signature(key_params).parameters)
         self._signature = inspect.signature(fn)
 
@@ -97,21 +134,33 @@ class StageTask:
         bound.apply_defaults()
         root = bound.arguments["store_root"]
         key = self.key(bound.arguments)
-        refresh = self.stage in _policy.get().refresh or \
-            reusable_manifest(ArtifactStore(root), self.stage, key) is None
-        return self.task.with_options(result_storage=result_storage_for(root),
-                                      refresh_cache=refresh)(*args, **kwargs, **call_options)
+        checked = {}
+        if self.stage in _policy.get().refresh:
+            refresh = True
+        else:
+            checked[(root, self.stage, key)] = reusable_manifest(ArtifactStore(root), self.stage,
+                                                                 key)
+            refresh = checked[(root, self.stage, key)] is None
+        token = _checked.set(checked)
+        try:
+            return self.task.with_options(result_storage=result_storage_for(root),
+                                          refresh_cache=refresh)(*args, **kwargs, **call_options)
+        finally:
+            _checked.reset(token)
 
 
-def stage_task(stage: str, version: int, key_params: Callable[..., dict], **options):
+def stage_task(stage: str, version: int, key_params: Callable[..., dict], *,
+               reads_measured: Iterable[str] = (), **options):
     """Decorate a stage function as a Prefect task cached by the stage's content key.
 
     `key_params` maps (a subset of) the task's parameters to the JSON that identifies its output:
     fingerprints of models and data, keys of input stages, and the parameters that change the
     result (never batch sizes, devices or the run id). Results are persisted as JSON, not pickle,
-    so a cache hit works from any process.
+    so a cache hit works from any process. `reads_measured`: the stages whose measured results
+    (timings, memory) this stage reads and leaves out of its key; refreshing one of them
+    refreshes this stage too (`refreshed`). `options`: Prefect's task options.
     """
-    return lambda fn: StageTask(fn, stage, version, key_params, dict(options))
+    return lambda fn: StageTask(fn, stage, version, key_params, dict(options), reads_measured)
 
 
 def reusable_manifest(store: ArtifactStore, stage: str, key: str) -> dict | None:
@@ -157,7 +206,15 @@ def run_stage(store_root: str, stage: str, version: int, params: dict,
     store = ArtifactStore(store_root)
     key = stage_key(stage, version, params)
     refresh = stage in _policy.get().refresh
-    manifest = None if refresh else reusable_manifest(store, stage, key)
+    # The verdict of this call's StageTask, reached a moment ago (taken once: a retry checks
+    # again); a body run without it (e.g. `.fn`) checks the store itself.
+    checked = (_checked.get() or {}).pop((store_root, stage, key), _UNCHECKED)
+    if refresh:
+        manifest = None
+    elif checked is _UNCHECKED:
+        manifest = reusable_manifest(store, stage, key)
+    else:
+        manifest = checked
     if manifest is not None:
         logger.info("%s/%s is complete in the store; reusing it", stage, key)
         store.remove_abandoned_scratch(key)

@@ -27,14 +27,19 @@ from layerprune.report.figures import (HEATMAP_FILE, STABILITY_FIGURE, metric_cu
 from layerprune.method.prune import describe_layers
 from layerprune.report.tradeoff import pareto_best, tradeoff_figure
 from tasks.common import run_stage, stage_files, stage_task
+from tasks.heal import STAGE as HEAL_STAGE
 from tasks.speed import COLUMNS as SPEED_COLUMNS
+from tasks.speed import STAGE as SPEED_STAGE
 
 STAGE, VERSION = "report", 4
 HEALING_FIGURE = "healing_curves.png"
 TRADEOFF_FIGURE = "tradeoff.png"
-# Measured, not computed: two computations of the same heal or of the same variant's speed
-# differ in these (and only these).
-MEASURED_COLUMNS = ("heal_seconds", "heal_peak_memory_mb", *SPEED_COLUMNS)
+# Measured, not computed, by stage: two computations of the same heal or of the same variant's
+# speed differ in these (and only these). The report's key leaves them out, so it declares that
+# it reads these stages' measured results: refreshing one of them refreshes the report too
+# (`reads_measured`, tasks.common.refreshed).
+MEASURED = {HEAL_STAGE: ("heal_seconds", "heal_peak_memory_mb"), SPEED_STAGE: SPEED_COLUMNS}
+MEASURED_COLUMNS = tuple(c for columns in MEASURED.values() for c in columns)
 # The comparison of healing methods, in the order a reader wants it.
 HEALING_COLUMNS = ["strategy", "n", "heal_method", "pruned_loss", "loss", "loss_gap_closed_pct",
                    "heal_tokens", "fit_tokens", "heal_seconds", "heal_peak_memory_mb"]
@@ -186,7 +191,7 @@ def _img(path: Path, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{data})"
 
 
-@stage_task(STAGE, VERSION, key_params)
+@stage_task(STAGE, VERSION, key_params, reads_measured=MEASURED)
 def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict,
                    distances: dict, base: dict, rows: list[dict],
                    heals: dict[str, dict]) -> dict:

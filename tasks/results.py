@@ -5,7 +5,8 @@ and a cache hit must work from any worker, so the records live next to the artif
 `<artifacts>/prefect-results/`. The artifact root is a flow *parameter*, so a stage task is
 given its storage per call (`Task.with_options(result_storage=result_storage_for(root))`, in
 tasks.common.StageTask). Prefect takes a `pathlib.Path` or a *saved* block there (an unsaved block
-is refused with a TypeError), so each root gets a block saved under a name derived from it:
+is refused with a TypeError), so each root gets a block saved under a name derived from it,
+loaded (or saved) once per process, Prefect API and root, and reused for every later stage call:
 
 - remote root (s3://...): `RemoteFileSystem`, holding only the basepath and the bounded-retry
   client config; the endpoint and credentials come from each worker's AWS environment. An S3 PUT
@@ -36,10 +37,12 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
+from prefect.settings import get_current_settings
 from pydantic import Field
 
 from layerprune.store.files import write_json_atomic
@@ -110,9 +113,27 @@ class AtomicLocalFileSystem(WritableFileSystem):
         return await asyncio.to_thread(self.write_path, path, content)
 
 
+# {(Prefect API, block type, block name, its fields): the saved block}: what this process loaded
+# or saved, so that a stage call costs no request to the server for its storage.
+_saved: dict[tuple, WritableFileSystem] = {}
+_saved_lock = threading.Lock()
+
+
+def _fields(block: WritableFileSystem) -> dict:
+    """The block's own fields (pydantic's `model_fields`), what decides whether a saved block is
+    the wanted one; not the identity (document id, name) a saved block also dumps."""
+    return {f: getattr(block, f) for f in type(block).model_fields}
+
+
 def result_storage_for(root: str) -> WritableFileSystem:
     """The saved Prefect storage block for the cache records of runs whose artifacts live under
-    `root` (module doc); saved on first use, reused after."""
+    `root` (module doc): loaded, or saved when missing or different, on the first call for this
+    root (and Prefect API) in this process; the same block on every later call, with no request.
+
+    The memo is keyed by the API's URL and the block's fields as well as its name, so another
+    server (a test harness, a profile switched in-process) or other settings (a changed S3
+    client config) load or save their own. What it does not see: the block deleted or edited on
+    the server while this process runs; it is saved again by the next process."""
     if is_remote(root):
         wanted: WritableFileSystem = RemoteFileSystem(
             basepath=results_location(root),
@@ -120,9 +141,18 @@ def result_storage_for(root: str) -> WritableFileSystem:
     else:
         wanted = AtomicLocalFileSystem(basepath=str(local_root(root) / RESULTS_DIR))
     name = block_name(root)
+    memo = (get_current_settings().api.url, type(wanted).__name__, name,
+            json.dumps(_fields(wanted), sort_keys=True, default=str))
+    with _saved_lock:  # stage calls in threads: one load (and save) per memo key
+        if memo not in _saved:
+            _saved[memo] = _load_or_save(wanted, name)
+        return _saved[memo]
+
+
+def _load_or_save(wanted: WritableFileSystem, name: str) -> WritableFileSystem:
     try:
         saved = type(wanted).load(name)  # sync in sync code (Prefect's async_dispatch)
-        if saved.model_dump() == wanted.model_dump():
+        if _fields(saved) == _fields(wanted):
             return saved
     except ValueError:  # not saved yet
         pass

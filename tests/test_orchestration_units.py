@@ -324,3 +324,95 @@ def test_a_sweeps_benchmarks_cover_every_variant_unless_told():
     assert p.child("m", [2, 4]).benchmarks.block_sizes is None
     assert SweepParams(benchmarks={"tasks": {"boolq": 5}, "block_sizes": [4]}).benchmarks \
         .block_sizes == [4]
+
+
+def _recipe(drop: list[int]) -> dict:
+    return {"meta": {"removed_layers": drop, "strategy": "s", "n": len(drop)}}
+
+
+@pytest.mark.parametrize("drop", [[0], [0, 1, 2], [1], [3, 4], [7], [6, 7], [0, 2], [2, 0],
+                                  [1, 0], [3, 5, 6], [5, 3]])
+def test_the_flows_linear_skip_is_the_librarys_rule(drop):
+    """The flow skips a linear-patch heal exactly where `linear_fit.check_runs` refuses its
+    removed layers, for the patched methods only, with the library's reason as the warning.
+
+    The flow's old rule (`0 in removed_layers`) gave the same verdict as check_runs on every
+    valid set (runs_of sorts, so a first run starts at 0 iff 0 is removed): no set here tells
+    them apart. What these sets do catch is a re-stated rule that drifts from the library's:
+    `drop[0] == 0` (order-dependent: [2, 0], [1, 0]) or `drop == list(range(len(drop)))`
+    (only a run from 0 that is the whole drop: misses [0, 2]). That the flow asks the library,
+    not a copy of its rule (the old one included), is the next test's."""
+    from flows.prune_and_heal import refused_heals
+    from layerprune.errors import LayerPruneError
+    from layerprune.heal.config import METHODS, PATCHED
+    from layerprune.heal.linear_fit import check_runs
+    from layerprune.method.prune import runs_of
+
+    try:
+        check_runs(drop, 8)
+        why = None
+    except LayerPruneError as e:
+        why = str(e)
+    recipe = _recipe(drop)
+    refused = refused_heals([(recipe, m) for m in METHODS], 8)
+    assert refused == ([] if why is None else [(recipe, m, why) for m in PATCHED])
+    if why is not None:  # the warning says why, in the library's words
+        assert "layer 0" in why and f"({runs_of(drop)[0]})" in why
+
+
+def test_a_change_of_the_librarys_linear_rule_reaches_the_flow(monkeypatch):
+    """With check_runs changed (here: it also refuses a run that ends at the last layer, and
+    accepts a run from layer 0), the flow's skips follow; a flow keeping a rule of its own
+    (the old `0 in removed_layers`) would still skip [0, 1] and heal [6, 7]."""
+    from flows.prune_and_heal import refused_heals
+    from layerprune.errors import LayerPruneError
+    from layerprune.heal import linear_fit
+
+    def changed(drop: list[int], num_layers: int) -> list[list[int]]:
+        if num_layers - 1 in drop:
+            raise LayerPruneError("method linear: changed rule")
+        return [sorted(drop)]
+
+    monkeypatch.setattr(linear_fit, "check_runs", changed)
+    jobs = [(_recipe([0, 1]), "linear"), (_recipe([6, 7]), "linear+distill")]
+    assert refused_heals(jobs, 8) == [(jobs[1][0], "linear+distill",
+                                       "method linear: changed rule")]
+
+
+def test_refreshing_a_measured_stage_refreshes_its_readers():
+    """`refresh` of a stage whose measured results another stage reads unkeyed (speed and heal:
+    the report) refreshes that reader too; every other stage refreshes only itself. Checked
+    against the stage names a run can be given, with every stage task of the flow imported."""
+    from typing import get_args
+
+    import flows.prune_and_heal  # noqa: F401  (imports, so declares, every stage task)
+    from layerprune.config.runs import StageName
+    from tasks.common import refreshed
+    from tasks.report import publish_report
+
+    readers = {"speed": {"report"}, "heal": {"report"}}
+    for stage in get_args(StageName):
+        assert refreshed([stage]) == {stage, *readers.get(stage, ())}, stage
+    assert publish_report.reads_measured == {"speed", "heal"}
+    assert refreshed(["speed", "prune"]) == {"speed", "prune", "report"}
+    assert refreshed([]) == frozenset()
+
+
+def test_the_report_key_leaves_out_exactly_what_it_declares_it_reads_measured():
+    """The report's `reads_measured` and its key agree: changing a declared stage's measured
+    columns (in a row and in the base) keeps the report's key, so refreshing that stage must
+    refresh the report (previous test); a computed column changes the key."""
+    from tasks.report import MEASURED, key_params, publish_report
+
+    assert set(MEASURED) == publish_report.reads_measured
+    info, distances = {"fingerprint": "m"}, {"key": "d"}
+    row = {"variant": "similarity", "loss": 3.0, "heal_seconds": 1.0,
+           "heal_peak_memory_mb": 10, "decode_speedup": 1.2, "weight_bytes": 100}
+    base = {"loss": 2.0, "decode_tokens_per_s": 50.0, "weight_bytes": 120}
+    heals = {"similarity, lora": {"key": "h"}}
+    key = key_params(info, distances, base, [row], heals)
+    for stage, columns in MEASURED.items():
+        remeasured = {c: 99 for c in columns}
+        assert key_params(info, distances, {**base, **remeasured}, [{**row, **remeasured}],
+                          heals) == key, stage
+    assert key_params(info, distances, base, [{**row, "loss": 3.1}], heals) != key

@@ -1,10 +1,16 @@
-"""Stage tasks on a real (temporary) Prefect API: the cache heals itself, `refresh` recomputes,
-and a completed stage leaves no scratch, including what killed attempts left."""
+"""Stage tasks on a real (temporary) Prefect API: the cache heals itself, `refresh` recomputes
+(with the stages that read the refreshed one's measured results), a completed stage leaves no
+scratch, including what killed attempts left; and what one stage call costs: its manifest read
+and verified once, its result storage block loaded once per process and store root."""
 
 from __future__ import annotations
 
+import collections
 import logging
+import shutil
 from pathlib import Path
+
+import httpx
 
 import pytest
 from prefect import flow
@@ -14,6 +20,8 @@ from layerprune.store.leases import new_id
 from layerprune.store.artifacts import ArtifactStore
 from layerprune.store.manifests import MANIFEST, stage_key
 from tasks.common import run_stage, stage_policy, stage_task
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from tasks.results import AtomicLocalFileSystem, block_name, result_storage_for
 
 BUILDS: list[int] = []  # how many times the stage body really ran
 
@@ -32,11 +40,40 @@ def toy(store_root: str, x: int) -> dict:
     return run_stage(store_root, "toy", 1, _params(x), build)
 
 
+def _reader_params(measured: dict) -> dict:
+    return {"toy": measured["key"]}  # the key, not the attempt: what it measured is unkeyed
+
+
+@stage_task("toy_reader", 1, _reader_params, reads_measured=["toy"])
+def toy_reader(store_root: str, measured: dict) -> dict:
+    """Reads toy's attempt (standing in for a measured value: it differs between two
+    computations of one key) and leaves it out of its key, as the report does with timings."""
+    def build(out: Path) -> dict:
+        return {"read_attempt": measured["attempt"]}
+
+    return run_stage(store_root, "toy_reader", 1, _reader_params(measured), build)
+
+
 @flow
 def toy_flow(root: str, x: int, refresh: list[str] | None = None):
     with stage_policy(refresh or ()):
         state = toy(root, x, return_state=True)
     return state.name, state.result()
+
+
+@flow
+def toys(root: str, xs: list[int]) -> list[str]:
+    """One flow run, one stage call per x: the names of their final states."""
+    return [toy(root, x, return_state=True).name for x in xs]
+
+
+@flow
+def measured_and_reader(root: str, refresh: list[str]) -> dict:
+    with stage_policy(refresh):
+        measured = toy(root, 1, return_state=True)
+        reader = toy_reader(root, measured.result(), return_state=True)
+    return {"toy": measured.name, "toy_reader": reader.name, "measured": measured.result(),
+            "reader": reader.result()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,3 +146,117 @@ def test_completing_a_key_clears_what_killed_attempts_left(tmp_path):
     assert not dead.exists() and not Path(f"{dead}.lock").exists() and not half.exists()
     assert other.exists()
     assert sorted(p.name for p in store.scratch_base().iterdir()) == [other.name]
+
+
+def test_refresh_reaches_the_stages_that_read_the_refreshed_ones_measured_results(tmp_path):
+    """toy_reader declares that it reads toy's measured results unkeyed: refreshing toy computes
+    it again too, and it then shows the new measurement; refreshing toy_reader, which nobody
+    reads, computes it alone. (A flow special-casing one stage, as `speed` -> `report` was,
+    leaves a refreshed heal's new timings out of the report.)"""
+    root = str(tmp_path / "store")
+    first = measured_and_reader(root, [])
+    assert (first["toy"], first["toy_reader"]) == ("Completed", "Completed")
+    again = measured_and_reader(root, [])
+    assert (again["toy"], again["toy_reader"]) == ("Cached", "Cached")
+    remeasured = measured_and_reader(root, ["toy"])
+    assert (remeasured["toy"], remeasured["toy_reader"]) == ("Completed", "Completed")
+    assert remeasured["measured"]["attempt"] != first["measured"]["attempt"]
+    assert remeasured["reader"]["meta"]["read_attempt"] == remeasured["measured"]["attempt"]
+    assert remeasured["reader"]["key"] == first["reader"]["key"]  # the same report, renewed
+    alone = measured_and_reader(root, ["toy_reader"])
+    assert (alone["toy"], alone["toy_reader"]) == ("Cached", "Completed")
+
+
+@pytest.fixture
+def store_calls(monkeypatch) -> collections.Counter:
+    """{ArtifactStore method: calls}: the store's manifest reads and verifications, counted."""
+    calls: collections.Counter = collections.Counter()
+    for name in ("manifest", "verify"):
+        def counted(self, *args, _name=name, _method=getattr(ArtifactStore, name), **kwargs):
+            calls[_name] += 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(ArtifactStore, name, counted)
+    return calls
+
+
+def test_one_stage_call_reads_and_verifies_its_manifest_once(tmp_path, store_calls):
+    """StageTask checks the stored manifest before Prefect's cache lookup; when Prefect's cache
+    misses although the store holds the stage (its cache records gone, or written under
+    another spelling of the root), the task body used to read and verify it again: two reads
+    and two verifications (a checksum pass over the small files, a listing on S3) per call."""
+    root = str(tmp_path / "store")
+    BUILDS.clear()
+    name, first = toy_flow(root, 11)
+    # Absent: read before Prefect's lookup, and again under the attempt's lease (a concurrent
+    # run may have completed it meanwhile); before, a third read between the two.
+    assert name == "Completed" and BUILDS == [11]
+    assert store_calls == {"manifest": 2}, store_calls
+
+    store_calls.clear()
+    name, _ = toy_flow(root, 11)
+    assert name == "Cached" and store_calls == {"manifest": 1, "verify": 1}, store_calls
+
+    shutil.rmtree(tmp_path / "store" / "prefect-results")  # Prefect's cache misses
+    store_calls.clear()
+    name, reused = toy_flow(root, 11)
+    assert name == "Completed" and BUILDS == [11] and reused == first  # reused, not rebuilt
+    assert store_calls == {"manifest": 1, "verify": 1}, store_calls
+
+
+@pytest.fixture
+def block_requests(monkeypatch) -> list[str]:
+    """'METHOD path' of every request of this process to the Prefect API about blocks (httpx,
+    which Prefect's clients send through, instrumented)."""
+    sent: list[str] = []
+
+    def counting(send):
+        def sync(self, request, *args, **kwargs):
+            if "/block_" in request.url.path:
+                sent.append(f"{request.method} {request.url.path}")
+            return send(self, request, *args, **kwargs)
+
+        async def asynchronous(self, request, *args, **kwargs):
+            if "/block_" in request.url.path:
+                sent.append(f"{request.method} {request.url.path}")
+            return await send(self, request, *args, **kwargs)
+        return sync, asynchronous
+
+    monkeypatch.setattr(httpx.Client, "send", counting(httpx.Client.send)[0])
+    monkeypatch.setattr(httpx.AsyncClient, "send", counting(httpx.AsyncClient.send)[1])
+    return sent
+
+
+def test_the_result_storage_block_is_loaded_once_per_process_and_root(tmp_path,
+                                                                      block_requests):
+    """Three stage calls in one flow run load their store's block once (it is not saved yet:
+    saved once); a second run asks the server nothing; another root gets its own block, whose
+    records land under that root. Before, every stage call loaded the block, and saved it again
+    (7 requests a call: the comparison with the loaded block always failed)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert toys(a, [1, 2, 3]) == ["Completed"] * 3
+    loads = [r for r in block_requests if r.endswith(f"/block_documents/name/{block_name(a)}")]
+    saves = [r for r in block_requests if r.startswith(("POST", "PATCH", "PUT"))
+             and "/block_documents" in r]  # (the type and schema: once per server)
+    assert len(loads) == 1 and saves == ["POST /api/block_documents/"], block_requests
+
+    block_requests.clear()
+    assert toys(a, [1, 2, 3]) == ["Cached"] * 3
+    assert block_requests == []
+
+    assert toys(b, [1]) == ["Completed"]
+    assert [r for r in block_requests if "/block_documents/name/" in r] == \
+        [f"GET /api/block_types/slug/{AtomicLocalFileSystem.get_block_type_slug()}"
+         f"/block_documents/name/{block_name(b)}"]
+    assert len(list((tmp_path / "b" / "prefect-results").iterdir())) == 1  # b's records in b
+    assert len(list((tmp_path / "a" / "prefect-results").iterdir())) == 3
+
+    block_requests.clear()
+    assert toys(a, [2]) == ["Cached"] and block_requests == []
+
+    # Another API (here the same server under another name) is not assumed to hold the block.
+    url = get_current_settings().api.url
+    assert "127.0.0.1" in url
+    with temporary_settings(updates={PREFECT_API_URL: url.replace("127.0.0.1", "localhost")}):
+        storage = result_storage_for(a)
+    assert [r for r in block_requests if "/block_documents/name/" in r] == [loads[0]]
+    assert storage.basepath == str(tmp_path / "a" / "prefect-results")
