@@ -13,10 +13,13 @@ them (tasks/gpus.py); it still occupies its own worker, so the pool needs a seco
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerprune.config import HealMethod, HealSpec, ModelSpec
+from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
 from layerprune.store.artifacts import ArtifactStore
 from tasks.children import run_child
@@ -32,6 +35,7 @@ def heal_one(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
              spec: HealSpec, method: HealMethod = "lora") -> dict:
     """Heal the variant `recipe` of `model` by `method` (tasks.heal.heal_variant); its
     manifest."""
+    check_for_worker(SimpleNamespace(model=model, heal=spec, artifacts=store_root))
     check_reachable(store_root)
     with gpu_slots():
         return heal_variant(store_root, model, model_info, recipe, spec, method)

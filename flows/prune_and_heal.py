@@ -26,6 +26,7 @@ from flows.heal import heal_in_deployments
 from layerprune.evaluate.benchmarks import check_args as check_benchmarks
 from layerprune.method.calibration import sample_texts
 from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
+from layerprune.config.worker import check_for_worker
 from layerprune.method.criteria import DATA_STRATEGIES
 from layerprune.method.data import check_source
 from layerprune.errors import LayerPruneError
@@ -55,7 +56,9 @@ from tasks.speed import base_speed, measure_speed, speed_columns
 # reads it from another machine), so the flow's return value needs no Prefect result storage.
 @flow(name="prune-and-heal", log_prints=True, persist_result=False)
 def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
-    # Cheap checks first: a bad data path or block size fails before any model is loaded.
+    # What this worker allows a run to ask (remote code, local paths), then the other cheap
+    # checks: a bad data path or block size fails before any model is loaded.
+    check_for_worker(params)
     check_source(params.calibration.data)
     check_source(params.loss.data)
     if params.benchmarks.tasks:  # e.g. an online-only task in an offline run

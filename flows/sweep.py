@@ -20,6 +20,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from layerprune.config import SweepParams
+from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
 from tasks.results import write_run_summary
 from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
@@ -36,6 +37,7 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
     that did not measure every model it was asked to is not a success (a nightly that silently
     dropped a model would go unnoticed). Retrying it re-attaches to the children that completed
     and re-attempts the others (tasks/children.py)."""
+    check_for_worker(params)  # local paths this worker allows (each child checks again)
     logger = get_run_logger()
     check_reachable(params.artifacts)  # one clear error if the store is unreachable
     labels = {ref: model_label(ref, params.models) for ref in params.models}

@@ -64,3 +64,26 @@ def test_a_sweep_checks_every_model(tmp_path):
     sweep = SweepParams(models=["org/a", str(tmp_path / "b")], artifacts=str(allowed / "s"))
     with pytest.raises(LayerPruneError, match="models.1"):
         check_for_worker(sweep, environ={ALLOWED_ROOTS_ENV: str(allowed)})
+
+
+def test_every_flow_asks_before_any_work(tmp_path, tiny_models, weights_must_not_load,
+                                         monkeypatch):
+    """The flows call the check first: a run asking for remote code, or a sweep naming a path
+    outside the allowed roots, is refused before a model or a store is touched (the tripwire
+    fails the test if weights start to load; the store root is never created)."""
+    from flows.heal import heal_one
+    from flows.prune_and_heal import prune_and_heal
+    from flows.sweep import sweep
+    from layerprune.config import HealSpec
+
+    monkeypatch.delenv(REMOTE_CODE_ENV, raising=False)
+    store = tmp_path / "store"
+    hostile = _params(tmp_path, ref=tiny_models["llama"], trust_remote_code=True)
+    with pytest.raises(LayerPruneError, match=REMOTE_CODE_ENV):
+        prune_and_heal.fn(hostile)
+    with pytest.raises(LayerPruneError, match=REMOTE_CODE_ENV):
+        heal_one.fn(str(store), hostile.model, {}, {}, HealSpec(), "lora")
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "allowed"))
+    with pytest.raises(LayerPruneError, match="models.0"):
+        sweep.fn(SweepParams(models=[tiny_models["llama"]], artifacts=str(store)))
+    assert not store.exists()
