@@ -18,6 +18,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=${PREFECT:-prefect}
+# The commit deployed: each deployment's `version` (prefect.yaml), which a run checks against the
+# code it runs (tasks/version.py). -dirty: tracked files differ from the commit.
+if [ -z "${LAYERPRUNE_COMMIT:-}" ]; then
+  LAYERPRUNE_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  git diff --quiet HEAD 2>/dev/null || LAYERPRUNE_COMMIT="$LAYERPRUNE_COMMIT-dirty"
+fi
+export LAYERPRUNE_COMMIT
 source deployments/gpus.sh
 GPU_SLOTS=$(gpu_slots)
 GPU_POOL_TYPE=${GPU_POOL_TYPE:-process}

@@ -23,6 +23,7 @@ from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
 from layerprune.store.artifacts import ArtifactStore
 from tasks.children import run_child
+from tasks.version import check_deployed_version
 from tasks.gpus import gpu_job, gpu_slots
 from tasks.heal import STAGE, heal_variant
 
@@ -35,6 +36,7 @@ def heal_one(store_root: str, model: ModelSpec, model_info: dict, recipe: dict,
              spec: HealSpec, method: HealMethod = "lora") -> dict:
     """Heal the variant `recipe` of `model` by `method` (tasks.heal.heal_variant); its
     manifest."""
+    check_deployed_version()
     check_for_worker(SimpleNamespace(model=model, heal=spec, artifacts=store_root))
     check_reachable(store_root)
     with gpu_slots():

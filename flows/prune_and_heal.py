@@ -49,6 +49,7 @@ from tasks.prune import prune_model
 from tasks.report import (base_line, describe_variant, healing_columns, publish_report,
                           random_row)
 from tasks.results import write_run_summary
+from tasks.version import check_deployed_version, running_commit
 from tasks.speed import base_speed, measure_speed, speed_columns
 
 
@@ -56,8 +57,10 @@ from tasks.speed import base_speed, measure_speed, speed_columns
 # reads it from another machine), so the flow's return value needs no Prefect result storage.
 @flow(name="prune-and-heal", log_prints=True, persist_result=False)
 def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
-    # What this worker allows a run to ask (remote code, local paths), then the other cheap
-    # checks: a bad data path or block size fails before any model is loaded.
+    # The code deployed is the code running, and this worker allows what the run asks (remote
+    # code, local paths); then the other cheap checks: a bad data path or block size fails
+    # before any model is loaded.
+    commit = check_deployed_version()
     check_for_worker(params)
     check_source(params.calibration.data)
     check_source(params.loss.data)
@@ -75,7 +78,7 @@ def prune_and_heal(params: PruneAndHealParams = PruneAndHealParams()) -> dict:
     # A refreshed stage refreshes its readers too (e.g. speed the report, whose key leaves the
     # measured columns out: tasks.common.refreshed).
     with gpu_slots() as gpus, stage_policy(params.refresh, params.verify_artifacts):
-        summary = _prune_and_heal(params, gpus)
+        summary = {**_prune_and_heal(params, gpus), "commit": commit}
     write_run_summary(params.artifacts, flow_run.id, summary)  # for a parent (tasks/results.py)
     return summary
 
@@ -157,7 +160,7 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
                      **healing_columns(healed), **speed})
     base = {**base, **base_speed(list(speeds.values()))}  # each measurement timed the base
     summary = publish_report(root, params, model_info, distances, base, rows, heals)
-    logger.info("report: %s", summary["report_uri"])
+    logger.info("report: %s (code: commit %s)", summary["report_uri"], running_commit())
     return summary
 
 

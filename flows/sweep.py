@@ -23,6 +23,7 @@ from layerprune.config import SweepParams
 from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
 from tasks.results import write_run_summary
+from tasks.version import check_deployed_version
 from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
                          run_model)
 
@@ -37,8 +38,10 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
     that did not measure every model it was asked to is not a success (a nightly that silently
     dropped a model would go unnoticed). Retrying it re-attaches to the children that completed
     and re-attempts the others (tasks/children.py)."""
+    commit = check_deployed_version()
     check_for_worker(params)  # local paths this worker allows (each child checks again)
     logger = get_run_logger()
+    logger.info("code: commit %s", commit)
     check_reachable(params.artifacts)  # one clear error if the store is unreachable
     labels = {ref: model_label(ref, params.models) for ref in params.models}
     failed: dict[str, str] = {}
@@ -52,7 +55,8 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
     done = [f.result() for f in runs.values() if f.state.is_completed()]
     failed.update({labels[ref]: _why(f) for ref, f in runs.items() if not f.state.is_completed()})
 
-    summary: dict = {"models": len(params.models), "completed": [d["model"] for d in done],
+    summary: dict = {"commit": commit, "models": len(params.models),
+                     "completed": [d["model"] for d in done],
                      "failed": {m: failed[m] for m in labels.values() if m in failed}}
     if done:  # a partial comparison is still worth having
         summary.update(publish_sweep_report(params.artifacts, done))

@@ -294,12 +294,22 @@ def test_zombie_automation_is_prefects_documented_one():
     assert trigger.expect == {"prefect.flow-run.*"}  # any state change resets it, not only 4
     assert trigger.for_each == {"prefect.resource.id"} and trigger.threshold == 1
     assert trigger.within.total_seconds() == 90  # two missed heartbeats at workers.sh's 30 s
-    # Every deployment's runs send heartbeats often enough that a live run is never taken for
-    # a dead one (Prefect's default, 180 s, would be), on any kind of worker.
+    # Only this project's runs: every deployment carries the tag the trigger asks for.
+    assert trigger.match_related.model_dump() == {"prefect.resource.role": "tag",
+                                     "prefect.resource.id": "prefect.tag.prune-and-heal"}
     deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    for d in deployments["deployments"]:
-        beat = int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
-        assert 30 <= beat and 2 * beat < trigger.within.total_seconds(), d["name"]
+    assert all("prune-and-heal" in d["tags"] for d in deployments["deployments"])
+    # Runs send heartbeats often enough that a live run is never taken for a dead one
+    # (Prefect's default, 180 s, would be), from the worker's own environment: the images and
+    # workers.sh, not a job variable a run's own `env` would replace.
+    for image in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        env = dict(re.findall(r"(PREFECT_FLOWS_HEARTBEAT_FREQUENCY)=(\d+)",
+                              (REPO / "docker" / image).read_text()))
+        beat = int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= beat and 2 * beat < trigger.within.total_seconds(), image
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30" in \
+        (REPO / "deployments" / "workers.sh").read_text()
+    assert all("job_variables" not in d["work_pool"] for d in deployments["deployments"])
     action, = automation.actions
     assert isinstance(action, ChangeFlowRunState) and action.state.value == "CRASHED"
 
