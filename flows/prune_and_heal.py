@@ -9,7 +9,7 @@ block-influence and greedy-loss (scores), random (k seeded blocks, reported as m
 Every selected variant is healed by every method (lora, distill, linear, linear+distill) and
 the report compares them. Each box is a cached task (tasks/); artifacts live in the store under
 `params.artifacts`. Healing runs in this process, or as one `heal-variant` run per variant and
-method on the gpu pool (`heal.dispatch`, flows/heal.py).
+method on the heal worker reserved for this run's GPUs (`heal.dispatch`, flows/heal.py).
 Run `python -m flows.prune_and_heal` for the demo defaults, or trigger the deployment.
 """
 
@@ -39,13 +39,14 @@ from layerprune.evaluate.speed import DECODE_PROMPT_TOKENS
 from tasks.calibration import calibrate
 from tasks.distances import compute_distances
 from tasks.evaluate import evaluate_variant
-from tasks.common import stage_files, stage_policy
+from tasks.common import release_model, stage_files, stage_policy
 from tasks.criteria import layer_scores
 from tasks.gpus import GpuSlots, gpu_slots
 from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
+from tasks.artifacts import show_report
 from tasks.report import (base_line, describe_variant, healing_columns, publish_report,
                           random_row)
 from tasks.results import write_run_summary
@@ -136,7 +137,11 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
         jobs.remove((recipe, method))
     dispatched = []
     if jobs and params.heal.dispatch == "deployment":
-        with gpus.released():  # each heal-variant run holds slots of its own (flows/heal.py)
+        # The children heal on the GPUs this run frees (flows/heal.py): its model's GPU memory
+        # first (evaluating a healed model loads that model anyway), then its `gpu` slots; each
+        # heal-variant run takes slots of its own, on a worker no prune-and-heal run can hold.
+        release_model()
+        with gpus.released():
             dispatched = heal_in_deployments(root, params.model, model_info, jobs, params.heal,
                                              max(gpus.count, 1))
     heals = {}
@@ -160,6 +165,7 @@ def _prune_and_heal(params: PruneAndHealParams, gpus: GpuSlots) -> dict:
                      **healing_columns(healed), **speed})
     base = {**base, **base_speed(list(speeds.values()))}  # each measurement timed the base
     summary = publish_report(root, params, model_info, distances, base, rows, heals)
+    show_report(root, params, model_info, distances, base, rows, heals, summary)  # cached or not
     logger.info("report: %s (code: commit %s)", summary["report_uri"], running_commit())
     return summary
 

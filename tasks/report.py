@@ -14,16 +14,13 @@ URL would not render in a browser).
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pandas as pd
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerprune.config import PruneAndHealParams
-from layerprune.report.figures import (HEATMAP_FILE, STABILITY_FIGURE, metric_curves,
-                                       train_loss_curves)
+from layerprune.report.figures import metric_curves, train_loss_curves
 from layerprune.method.prune import describe_layers
 from layerprune.report.tradeoff import pareto_best, tradeoff_figure
 from tasks.common import run_stage, stage_files, stage_task
@@ -186,26 +183,33 @@ def tradeoff_text(rows: list[dict], base: dict, metrics: list[str], params) -> s
             "least as good): " + "; ".join(best) + ".")
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"![{alt}](data:image/png;base64,{data})"
+def report_tables(rows: list[dict], base: dict) -> tuple[pd.DataFrame, pd.DataFrame | None,
+                                                          list[str]]:
+    """(the variants' table, the healing methods' table or None, the metric columns)."""
+    table = pd.DataFrame(rows).sort_values(["n", "variant"]).reset_index(drop=True)
+    table["loss_increase"] = (table["loss"] - base["loss"]).round(4)
+    table = with_gap_closed(table, base["loss"])
+    for column in ("heal_tokens", "fit_tokens", "heal_peak_memory_mb", "weight_bytes"):  # counts
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    healing = table[table["heal_method"].notna()][
+        [c for c in HEALING_COLUMNS if c in table]] if "heal_method" in table else None
+    return table, healing, metric_columns(rows)
+
+
+def shown_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as shown: without the per-metric chance and item-count columns."""
+    return table.drop(columns=[c for c in table if c.endswith(("_baseline", "_n"))])
 
 
 @stage_task(STAGE, VERSION, key_params, reads_measured=MEASURED)
 def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict,
                    distances: dict, base: dict, rows: list[dict],
                    heals: dict[str, dict]) -> dict:
-    """`heals`: {variant label: heal stage manifest}; their loss curves go in one figure."""
+    """`heals`: {variant label: heal stage manifest}; their loss curves go in one figure. The
+    Prefect artifacts of the report are `tasks.artifacts.show_report`'s, on every run."""
     base_loss = base["loss"]
-    table = pd.DataFrame(rows).sort_values(["n", "variant"]).reset_index(drop=True)
-    table["loss_increase"] = (table["loss"] - base_loss).round(4)
-    table = with_gap_closed(table, base_loss)
-    for column in ("heal_tokens", "fit_tokens", "heal_peak_memory_mb", "weight_bytes"):  # counts
-        if column in table:
-            table[column] = table[column].astype("Int64")
-    healing = table[table["heal_method"].notna()][
-        [c for c in HEALING_COLUMNS if c in table]] if "heal_method" in table else None
-    metrics = metric_columns(rows)
+    table, healing, metrics = report_tables(rows, base)
 
     def build(out: Path):
         table.to_parquet(out / "results.parquet", index=False)
@@ -224,53 +228,10 @@ def publish_report(store_root: str, params: PruneAndHealParams, model_info: dict
 
     manifest = run_stage(store_root, STAGE, VERSION,
                          key_params(model_info, distances, base, rows, heals), build)
-    report_dir = stage_files(store_root, manifest)
-    heatmap = stage_files(store_root, distances) / HEATMAP_FILE
-    shown = table.drop(columns=[c for c in table if c.endswith(("_baseline", "_n"))])
+    shown = shown_table(table)
     records = shown.astype(object).where(shown.notna(), None).to_dict(orient="records")
     readable = with_error_bars(shown)
     text = readable[[c for c in terminal_columns(metrics) if c in readable]].to_string(
         index=False)
-    create_table_artifact(table=records,
-                          key="pruned-models", description="Pruned variants and their loss")
-    create_markdown_artifact(
-        key="prune-report",
-        description=f"prune-and-heal report for {model_info['ref']}",
-        markdown="\n\n".join([
-            f"# prune-and-heal: {model_info['ref']}",
-            f"{model_info['num_layers']} layers; base model: "
-            + base_line(base)
-            + f" (loss on {params.loss.samples} records of `{params.loss.data}`; chance: "
-            + ", ".join(f"{k[:-9]} {v}" for k, v in base.items() if k.endswith("_baseline"))
-            + f"). Artifacts in `{manifest['uri']}`.",
-            "## Angular distance between the inputs of layers l and l+n",
-            _img(heatmap, "distance heatmap"),
-            "## How stable is the choice of block",
-            f"{distances['meta']['stability']}. Left: the share of bootstrap resamples of "
-            "the calibration samples each start wins (ring: the full sample's choice; markers: "
-            "each disjoint fold's); right: how much further the runner-up block is, red where "
-            "its 95% interval reaches 0 (a close call).",
-            _img(stage_files(store_root, distances) / STABILITY_FIGURE, "stability"),
-            "## Metrics against the fraction of layers dropped (the paper's Fig. 1d)",
-            _img(report_dir / "metrics_vs_fraction.png", "metric curves"),
-            *(["## Quality against speed and memory",
-               tradeoff_text(rows, base, metrics, params),
-               _img(report_dir / TRADEOFF_FIGURE, "trade-off")]
-              if (report_dir / TRADEOFF_FIGURE).exists() else []),
-            *(["## Healing methods compared",
-               "Each method healed the same pruned model on the same data; the training "
-               "methods saw the same number of tokens (`heal_tokens`). Gap closed: 100 x "
-               "(pruned loss - healed loss) / (pruned loss - base loss).",
-               healing.astype(object).where(healing.notna(), "").to_markdown(index=False)]
-              if healing is not None else []),
-            *(["## Healing: train loss of each training run",
-               _img(report_dir / HEALING_FIGURE, "healing curves")]
-              if (report_dir / HEALING_FIGURE).exists() else []),
-            "## Variants",
-            "Metrics as value ± standard error; random: the mean over its blocks, with the sd "
-            "over them in `<metric>_sd`.",
-            readable.to_markdown(index=False),
-        ]),
-    )
     return {"report_uri": manifest["uri"], "table": text, "base": base, "base_loss": base_loss,
             "rows": records}

@@ -19,6 +19,14 @@ loaded (or saved) once per process, Prefect API and root, and reused for every l
   once, or a `refresh`) could fail a run. Writing to a temporary file and renaming it over the
   record makes every read see a whole record.
 
+Only plain JSON is ever read back. A cache record names its own deserializer, and Prefect would
+unpickle a record that says "pickle", or import and call any `object_decoder` it names, and its
+JSON decoder builds any class a `__class__` entry names: anyone who can write the artifact root
+could make a worker run code. So both storages read through `plain_json_record`: a record must
+name exactly Prefect's JSON serializer and hold plain JSON data (stage results are manifests:
+dicts, lists, strings, numbers). Anything else reads as no record (a cache miss, like a missing
+file), so the stage is computed again and the record rewritten, with a warning.
+
 Run summaries. A flow's own return value is not persisted (no result storage is needed for it):
 the parent of a run (the sweep) reads a child's summary from `<artifacts>/runs/<flow run id>/
 summary.json` (`write_run_summary`, `read_run_summary`). Why there and not in Prefect's result
@@ -35,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -67,6 +76,53 @@ def block_name(root: str) -> str:
     return "layerprune-results-" + hashlib.sha256(str(root).encode()).hexdigest()[:16]
 
 
+# The serializer every stage task writes with (serializer="json", Prefect's JSONSerializer):
+# a record read back must name exactly this.
+JSON_SERIALIZER = {"type": "json", "jsonlib": "json",
+                   "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+                   "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+                   "dumps_kwargs": {}, "loads_kwargs": {}}
+_CODE_KEYS = ("__class__", "__exc_type__")  # what Prefect's JSON decoder turns into objects
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return not any(k in value for k in _CODE_KEYS) and all(map(_plain, value.values()))
+    if isinstance(value, list):
+        return all(map(_plain, value))
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def plain_json_record(path: str, data: bytes) -> bytes:
+    """`data` if it is a cache record of plain JSON written by Prefect's JSON serializer; else
+    FileNotFoundError, which Prefect takes for a missing record (module doc)."""
+    try:
+        record = json.loads(data)
+        ok = (record["metadata"]["serializer"] == JSON_SERIALIZER
+              and _plain(json.loads(record["result"])))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        logging.getLogger(__name__).warning(
+            "cache record %s is not plain JSON from Prefect's JSON serializer; ignored (the "
+            "stage is computed again and the record rewritten)", path)
+        raise FileNotFoundError(path)
+    return data
+
+
+class JsonOnlyRemoteFileSystem(RemoteFileSystem):
+    """Prefect's RemoteFileSystem (S3), reading plain JSON records only (module doc)."""
+
+    _block_type_name = "Layerprune Remote Results"
+    _description = "Remote result storage that reads back plain JSON cache records only."
+
+    def read_path(self, path: str, **calling_convention: Any) -> bytes:
+        return plain_json_record(path, super().read_path(path, **calling_convention))
+
+    async def aread_path(self, path: str) -> bytes:
+        return await asyncio.to_thread(self.read_path, path)
+
+
 class AtomicLocalFileSystem(WritableFileSystem):
     """Result storage in a local directory whose writes are atomic (module doc).
 
@@ -88,7 +144,8 @@ class AtomicLocalFileSystem(WritableFileSystem):
         return target
 
     def read_path(self, path: str, **_calling_convention: Any) -> bytes:
-        return self._target(path).read_bytes()  # FileNotFoundError: Prefect's miss
+        # FileNotFoundError: Prefect's miss, for an absent record or one that is not plain JSON
+        return plain_json_record(path, self._target(path).read_bytes())
 
     def write_path(self, path: str, content: bytes, **_calling_convention: Any) -> str:
         target = self._target(path)
@@ -135,7 +192,7 @@ def result_storage_for(root: str) -> WritableFileSystem:
     client config) load or save their own. What it does not see: the block deleted or edited on
     the server while this process runs; it is saved again by the next process."""
     if is_remote(root):
-        wanted: WritableFileSystem = RemoteFileSystem(
+        wanted: WritableFileSystem = JsonOnlyRemoteFileSystem(
             basepath=results_location(root),
             settings=storage_options_from_env(root, with_endpoint=False))
     else:

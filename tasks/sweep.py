@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from layerprune.report.markdown import escape_md, escaped_table
 from layerprune.report.figures import metric_curves
 from layerprune.report.leaderboard.nights import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
                                     night_record)
@@ -122,10 +123,10 @@ def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
             f"# prune-and-heal sweep: {len(children)} models",
             f"Artifacts in `{manifest['uri']}`; each model's own report is linked below.",
             "## Loss against the fraction of layers dropped", _img(figure, "loss curves"),
-            "## Variants", table.to_markdown(index=False),
+            "## Variants", escaped_table(table),
             "## Per-model runs",
-            "\n".join(f"- {c['model']}: `{c['report_uri']}` (flow run {c['flow_run']})"
-                      for c in children),
+            "\n".join(f"- {escape_md(c['model'])}: {escape_md(c['report_uri'])} (flow run "
+                      f"{c['flow_run']})" for c in children),
         ]))
     return {"report_uri": manifest["uri"], "rows": records}
 

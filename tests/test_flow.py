@@ -24,6 +24,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.prune_and_heal import prune_and_heal
 from layerprune.config import PruneAndHealParams
 from tasks import children
+from tasks.artifacts import artifact_key
 from tasks.children import ChildRunFailed, run_child
 from tasks.results import (AtomicLocalFileSystem, block_name, read_run_summary,
                            result_storage_for)
@@ -134,6 +135,16 @@ def _check_speed(summary: dict, model: str, root: Path) -> None:
             assert _tensor_bytes(merged)[0] == row["weight_bytes"]
 
 
+def _artifacts(model_ref: str) -> list:
+    """Every version of the model's report and table artifacts on the API."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = [artifact_key(kind, model_ref) for kind in ("prune-report", "pruned-models")]
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=keys)))
+
+
 def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp_path):
     params = _params(tiny_models["llama"], texts_jsonl, tmp_path / "store", [1])
     first = prune_and_heal(params, return_state=True)
@@ -196,10 +207,18 @@ def test_flow_runs_caches_and_resumes(prefect_api, tiny_models, texts_jsonl, tmp
         [".scratch", "prefect-results", "runs", *stages])
 
     _check_speed(summary, tiny_models["llama"], tmp_path / "store")
+    assert len(_artifacts(tiny_models["llama"])) == 2  # the report and the table, this model's
     mtimes = {m: m.stat().st_mtime_ns for m in manifests}
     states = _task_states(prune_and_heal(params, return_state=True))
-    assert {s for name, s in states.items() if not name.startswith("describe-model")} == \
-        {"Cached"}, states
+    # every stage Cached; the model description and the artifacts are made on every run
+    assert {s for name, s in states.items()
+            if not name.startswith(("describe-model", "report-artifacts"))} == {"Cached"}, states
+    assert [s for n, s in states.items() if n.startswith("report-artifacts")] == ["Completed"]
+    published = _artifacts(tiny_models["llama"])
+    assert len(published) == 4  # a cached rerun publishes its report too
+    report = [a for a in published if a.type == "markdown"][0]
+    assert report.key == artifact_key("prune-report", tiny_models["llama"])
+    assert "## Variants" in report.data and "heuristic, lora" in report.data
     # One speed task per distinct block (strategies that agree share it), each Cached.
     assert len([n for n in states if n.startswith("speed-drop-")]) == \
         len(_stored(tmp_path / "store", "speed")) >= 2

@@ -6,6 +6,7 @@ and verified once, its result storage block loaded once per process and store ro
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -260,3 +261,63 @@ def test_the_result_storage_block_is_loaded_once_per_process_and_root(tmp_path,
         storage = result_storage_for(a)
     assert [r for r in block_requests if "/block_documents/name/" in r] == [loads[0]]
     assert storage.basepath == str(tmp_path / "a" / "prefect-results")
+
+
+def _hostile_records(marker: Path) -> dict[str, bytes]:
+    """Cache records someone with write access to the artifact root could plant: a pickle whose
+    loading would create `marker`, a JSON record naming a decoder of its own choosing, and one
+    whose data asks Prefect's JSON decoder to build an object."""
+    import base64
+    import pickle
+
+    class Plant:
+        def __reduce__(self):
+            return (Path(str(marker)).touch, ())
+
+    serializer = dict(__import__("tasks.results", fromlist=["x"]).JSON_SERIALIZER)
+    meta = {"storage_key": "k", "expiration": None, "prefect_version": "3.9.1"}
+    return {
+        "pickle": json.dumps({"metadata": {**meta, "serializer": {"type": "pickle",
+                                                                  "picklelib": "pickle"}},
+                              "result": base64.b64encode(pickle.dumps(Plant())).decode()}).encode(),
+        "decoder": json.dumps({"metadata": {**meta, "serializer": {
+            **serializer, "object_decoder": "pathlib.Path.touch"}},
+            "result": json.dumps({"x": 1})}).encode(),
+        "class": json.dumps({"metadata": {**meta, "serializer": serializer},
+                             "result": json.dumps({"__class__": "pathlib.Path",
+                                                   "data": str(marker)})}).encode(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["pickle", "decoder", "class"])
+def test_a_planted_cache_record_is_never_deserialized(tmp_path, kind):
+    """A record that is not plain JSON from Prefect's JSON serializer reads as a miss: the stage
+    is computed again (correctly), the record is rewritten as JSON, and nothing in it runs.
+    Catches result storage that hands Prefect any record (Prefect unpickles a record that says
+    "pickle", and its JSON decoder imports what a record names)."""
+    root = str(tmp_path / "store")
+    marker = tmp_path / "planted-code-ran"
+    BUILDS.clear()
+    assert toy_flow(root, 7)[0] == "Completed"
+    record = next((tmp_path / "store" / "prefect-results").iterdir())
+    record.write_bytes(_hostile_records(marker)[kind])
+    BUILDS.clear()
+    name, result = toy_flow(root, 7)
+    assert not marker.exists()
+    assert result["files"]["value.txt"]["bytes"] == 2 and json.loads(record.read_text())[
+        "metadata"]["serializer"]["type"] == "json"
+
+
+def test_remote_result_storage_reads_plain_json_only(tmp_path):
+    from tasks.results import JsonOnlyRemoteFileSystem
+
+    marker = tmp_path / "planted-code-ran"
+    block = JsonOnlyRemoteFileSystem(basepath="memory://records-test")
+    for kind, data in _hostile_records(marker).items():
+        block.write_path(kind, data)
+        with pytest.raises(FileNotFoundError):
+            block.read_path(kind)
+    good = json.dumps({"metadata": {"serializer": __import__(
+        "tasks.results", fromlist=["x"]).JSON_SERIALIZER}, "result": json.dumps({"a": [1]})})
+    block.write_path("good", good.encode())
+    assert block.read_path("good") == good.encode() and not marker.exists()

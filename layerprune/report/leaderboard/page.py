@@ -18,6 +18,7 @@ import pandas as pd
 
 from layerprune.report.leaderboard.nights import (FIGURES, LOSE_FIGURE, LOSS_FIGURE, NIGHT_FILE, NIGHTS_DIR,
                                     Leaderboard, nights_hash)
+from layerprune.report.markdown import escape_md, escaped_table
 from layerprune.report.leaderboard.figures import metrics_of, trend_figure
 
 TITLE = "prune-and-heal: the nightly leaderboard"
@@ -163,10 +164,6 @@ def render_html(nights: list[dict], trend_name: str) -> str:
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def _md_table(frame: pd.DataFrame) -> str:
-    return frame.map(lambda v: str(v).replace("|", "\\|")).to_markdown(index=False)
-
-
 def _data_uri(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
@@ -179,8 +176,8 @@ def render_markdown(nights: list[dict], figures: dict[str, bytes], trend_png: by
     parts = [f"# {TITLE}",
              f"Latest night: **{night_label(latest)}**, sweep flow run "
              f"`{latest['flow_run_id']}`, {len(latest['models'])} model(s); {len(nights)} "
-             f"night(s) in all. The page: `{index_uri}`.",
-             "## Layers it can lose", rule_text(latest), _md_table(latest_table(latest))]
+             f"night(s) in all. The page: {escape_md(index_uri)}.",
+             "## Layers it can lose", rule_text(latest), escaped_table(latest_table(latest))]
     if LOSS_FIGURE in figures:
         parts += ["## Loss against the fraction of layers dropped",
                   _data_uri(figures[LOSS_FIGURE], "loss curves")]
@@ -188,7 +185,7 @@ def render_markdown(nights: list[dict], figures: dict[str, bytes], trend_png: by
         parts += ["## Layers it can lose, by model",
                   _data_uri(figures[LOSE_FIGURE], "layers it can lose")]
     parts += ["## Trend over nights", _data_uri(trend_png, "trend"),
-              _md_table(trend_table(nights))]
+              escaped_table(trend_table(nights))]
     return "\n\n".join(parts)
 
 
