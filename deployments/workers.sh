@@ -4,12 +4,19 @@
 # variables in its environment (docs/operations.md).
 #
 # On the gpu pool, each run owns the GPUs of its worker: one worker per GPU group, started with
-# CUDA_VISIBLE_DEVICES set to the group and `--limit 1`, so two runs never share a device.
+# CUDA_VISIBLE_DEVICES set to the group and `--limit 1`, so two runs never share a device. It
+# polls the queues `default` and `heal` (and `gpus-<k>`, below), never a group's heal queue.
+# Beside it, on the same GPUs, a reserved heal worker (`--limit 1`) that polls only that
+# group's queue `heal-<host>-gpu-<ids>`: the main worker's runs get its name in
+# LAYERPRUNE_HEAL_QUEUE and send their heal-variant children there (flows/heal.py). A
+# prune-and-heal run waiting on its heals holds the main worker, never the heal worker, so no
+# number of models and GPUs can deadlock; the parent has freed the GPUs its children use.
 #   GPU_GROUPS  groups of device ids, space-separated, e.g. "0,1 2,3": two workers for 2-GPU
 #               runs; a worker of k > 1 GPUs also polls the work queue `gpus-<k>`, where
 #               runs asking for k GPUs go (tasks/gpus.py)
 #   GPU_IDS     comma-separated ids, one worker each, e.g. 0,1,2,3 (default: `nvidia-smi -L`)
-# No GPU found and none given: one gpu worker without a limit, as on a CPU machine.
+# No GPU found and none given: one gpu worker without a limit, polling every queue of the pool
+# (heal children included), as on a CPU machine.
 set -uo pipefail
 PREFECT=${PREFECT:-prefect}
 # Flow runs emit a heartbeat this often (seconds, >= 30; Prefect's default is 180): with the
@@ -37,10 +44,15 @@ for pool in ${POOLS:-gpu cpu}; do
   if [ "$pool" = gpu ] && groups=$(gpu_groups) && [ -n "$groups" ]; then
     while read -r group; do
       k=$(tr ',' '\n' <<<"$group" | sed '/^$/d' | wc -l)
-      queues=()
-      [ "$k" -gt 1 ] && queues=(--work-queue default --work-queue "gpus-$k")
-      CUDA_VISIBLE_DEVICES=$group $PREFECT worker start --pool gpu --type process --limit 1 \
+      queues=(--work-queue default --work-queue heal)
+      [ "$k" -gt 1 ] && queues+=(--work-queue "gpus-$k")
+      heal_queue="heal-$host-gpu-${group//,/_}"
+      CUDA_VISIBLE_DEVICES=$group LAYERPRUNE_HEAL_QUEUE=$heal_queue \
+        $PREFECT worker start --pool gpu --type process --limit 1 \
         --name "$host-gpu-$group" "${queues[@]}" </dev/null &
+      pids+=($!)
+      CUDA_VISIBLE_DEVICES=$group $PREFECT worker start --pool gpu --type process --limit 1 \
+        --name "$host-gpu-$group-heal" --work-queue "$heal_queue" </dev/null &
       pids+=($!)
     done <<<"$groups"
   else

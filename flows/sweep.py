@@ -1,11 +1,16 @@
 """The `sweep` flow: many models, one `prune-and-heal` run each, one comparison at the end.
 
-    plan (depth of each model) ─► run-model × M (run_deployment, ≤ `gpu` limit at once)
+    plan (depth of each model) ─► run-model × M (run_deployment, ≤ `gpu` limit + 1 at once)
                                ─► report (one table, one figure) ─► leaderboard (the night's page)
 
 Each child asks for `gpu_count` GPUs (SweepParams.gpu_count / gpu_counts): a job variable the
 Docker and Kubernetes templates turn into a device request, and that many `gpu` slots held by
 the child itself (tasks/gpus.py).
+
+Bounded fan-out (tasks/children.py: bounded_fan_out): a child run is created only when its GPUs
+fit in the `gpu` limit (read from the API, again while children wait) plus one queued ahead;
+the other models wait in this process, not in the pool's queue. So `child_timeout_s` counts a
+child's running time only, and a sweep of 100 models puts 2 runs, not 100, on a one-GPU pool.
 
 Runs on the `cpu` work pool; its children run on the `gpu` pool. A parent that waits on its
 children must not share their pool: with the pool's slots all taken by waiting parents, no
@@ -22,8 +27,11 @@ from prefect.runtime import flow_run
 from layerprune.config import SweepParams
 from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
+from tasks.children import bounded_fan_out
+from tasks.gpus import gpu_limit
 from tasks.results import write_run_summary
 from tasks.version import check_deployed_version
+from tasks.artifacts import show_sweep_report
 from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
                          run_model)
 
@@ -47,11 +55,12 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
     failed: dict[str, str] = {}
     sizes = _plan(params, labels, failed)
 
-    runs = {ref: run_model.submit(params.deployment,
-                                  params.child(ref, n).model_dump(mode="json"),
-                                  params.child_timeout_s, labels[ref], params.gpus_for(ref))
-            for ref, n in sizes.items()}
-    wait(list(runs.values()))
+    with bounded_fan_out(gpu_limit):  # each run-model task waits for room before its child
+        runs = {ref: run_model.submit(params.deployment,
+                                      params.child(ref, n).model_dump(mode="json"),
+                                      params.child_timeout_s, labels[ref], params.gpus_for(ref))
+                for ref, n in sizes.items()}
+        wait(list(runs.values()))
     done = [f.result() for f in runs.values() if f.state.is_completed()]
     failed.update({labels[ref]: _why(f) for ref, f in runs.items() if not f.state.is_completed()})
 
@@ -59,7 +68,9 @@ def sweep(params: SweepParams = SweepParams()) -> dict:
                      "completed": [d["model"] for d in done],
                      "failed": {m: failed[m] for m in labels.values() if m in failed}}
     if done:  # a partial comparison is still worth having
-        summary.update(publish_sweep_report(params.artifacts, done))
+        report = publish_sweep_report(params.artifacts, done)
+        show_sweep_report(params.artifacts, done, report)  # its artifacts, cached or not
+        summary.update(report)
         logger.info("sweep report: %s", summary["report_uri"])
         # The night on the leaderboard page; if that fails, the summary is still stored and
         # the sweep ends Failed saying so.

@@ -91,3 +91,33 @@ def show_report(store_root: str, params: PruneAndHealParams, model_info: dict,
             "over them in `<metric>_sd`.",
             escaped_table(with_error_bars(shown)),
         ]))
+
+
+@task(name="sweep-artifacts", cache_policy=NO_CACHE)
+def show_sweep_report(store_root: str, children: list[dict], report: dict) -> None:
+    """The sweep's table and markdown report artifacts (its own keys: one sweep, many models),
+    on every run, from the sweep report stage's stored files."""
+    import pandas as pd
+
+    table = pd.DataFrame(report["rows"])
+    create_table_artifact(table=report["rows"], key="sweep-models",
+                          description="Pruned variants of every model in the sweep")
+    figure = Path(report["report_uri"].removeprefix("file://")) / "loss_vs_fraction.png"
+    if not figure.exists():  # a remote store: the stage's files, downloaded once
+        from tasks.sweep import STAGE, publish_sweep_report
+
+        key = publish_sweep_report.key({"store_root": store_root, "children": children})
+        figure = stage_files(store_root, ArtifactStore(store_root).manifest(STAGE, key)) \
+            / "loss_vs_fraction.png"
+    create_markdown_artifact(
+        key="sweep-report", description="prune-and-heal sweep across models",
+        markdown="\n\n".join([
+            f"# prune-and-heal sweep: {len(children)} models",
+            f"Artifacts in {escape_md(report['report_uri'])}; each model's own report is "
+            "linked below.",
+            "## Loss against the fraction of layers dropped", _img(figure, "loss curves"),
+            "## Variants", escaped_table(table),
+            "## Per-model runs",
+            "\n".join(f"- {escape_md(c['model'])}: {escape_md(c['report_uri'])} (flow run "
+                      f"{c['flow_run']})" for c in children),
+        ]))

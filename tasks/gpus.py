@@ -143,6 +143,21 @@ class GpuSlots:
         self.__enter__()
 
 
+def gpu_limit() -> int:
+    """The `gpu` global concurrency limit, read from the API now (a parent sizes its fan-out
+    with it: tasks.children.bounded_fan_out). A missing limit counts as 1: every child would
+    then fail on it by itself (strict), one at a time rather than all at once."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            return max(1, client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit)
+    except ObjectNotFound:
+        get_run_logger().warning("no `%s` concurrency limit on the server: children start one "
+                                 "at a time", GPU_LIMIT)
+        return 1
+
+
 def gpu_slots() -> GpuSlots:
     """The slots of the running flow run: its GPU count inside a deployment, none outside."""
     return GpuSlots(run_gpu_count() if deployment.id is not None else 0)

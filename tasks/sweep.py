@@ -11,7 +11,6 @@ the waiting parent holds none, so it can never take a slot its child needs.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from datetime import datetime
 from pathlib import Path
@@ -19,10 +18,9 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from layerprune.report.markdown import escape_md, escaped_table
 from layerprune.report.figures import metric_curves
 from layerprune.report.leaderboard.nights import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
                                     night_record)
@@ -31,7 +29,7 @@ from layerprune.report.leaderboard.page import publish_night
 from layerprune.models.loading import check_architecture
 from layerprune.store.remote import storage_options_from_env
 from tasks.children import run_child
-from tasks.common import run_stage, stage_files, stage_task
+from tasks.common import run_stage, stage_task
 from tasks.gpus import gpu_job
 from tasks.results import read_run_summary, summary_path
 
@@ -84,10 +82,6 @@ def key_params(children: list[dict]) -> dict:
     return {"reports": sorted((c["model"], c["report_uri"]) for c in children)}
 
 
-def _img(path: Path, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
-
-
 @stage_task(STAGE, VERSION, key_params)
 def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
     """One table (parquet) and one figure across models, from each run's stored results."""
@@ -113,21 +107,7 @@ def publish_sweep_report(store_root: str, children: list[dict]) -> dict:
         return {"models": [c["model"] for c in children], "rows": len(table)}
 
     manifest = run_stage(store_root, STAGE, VERSION, key_params(children), build)
-    figure = stage_files(store_root, manifest) / "loss_vs_fraction.png"
     records = table.to_dict(orient="records")
-    create_table_artifact(table=records, key="sweep-models",
-                          description="Pruned variants of every model in the sweep")
-    create_markdown_artifact(
-        key="sweep-report", description="prune-and-heal sweep across models",
-        markdown="\n\n".join([
-            f"# prune-and-heal sweep: {len(children)} models",
-            f"Artifacts in `{manifest['uri']}`; each model's own report is linked below.",
-            "## Loss against the fraction of layers dropped", _img(figure, "loss curves"),
-            "## Variants", escaped_table(table),
-            "## Per-model runs",
-            "\n".join(f"- {escape_md(c['model'])}: {escape_md(c['report_uri'])} (flow run "
-                      f"{c['flow_run']})" for c in children),
-        ]))
     return {"report_uri": manifest["uri"], "rows": records}
 
 

@@ -251,3 +251,47 @@ def start_prefect_services(env: dict, log_dir: Path) -> Service:
     """The background services (scheduler, repossessor of expired leases, ...), run once."""
     return Service("prefect-services", [str(BIN / "prefect"), "server", "services", "start"],
                    env, log_dir)
+
+
+class ProductionServer:
+    """The whole production stack of docs/operations.md on 127.0.0.1, as the e2e tests of the
+    deployments use it: a throwaway PostgreSQL database migrated once (`prefect server database
+    upgrade -y`), Redis, one API server started with `--no-services`, and the background
+    services (scheduler, repossessor of expired leases, triggers of automations, ...) in a
+    process of their own. `services_env`: settings of the services process only (e.g. a shorter
+    repossessor loop). `stop()` stops everything it started, the database last."""
+
+    def __init__(self, env: dict, log_dir: Path, services_env: dict | None = None):
+        self.services: list[Service] = []
+        self.postgres = Postgres()
+        try:
+            redis, redis_url = start_redis(env, log_dir)
+            self.services.append(redis)
+            self.env = production_env(env, self.postgres.url, redis_url)
+            migrated = run_cli(["server", "database", "upgrade", "-y"], self.env)
+            if migrated.returncode != 0:
+                raise RuntimeError("prefect server database upgrade failed:\n"
+                                   + migrated.stdout[-2000:] + migrated.stderr[-2000:])
+            api, self.api = start_prefect_api(self.env, log_dir)
+            self.services.append(api)
+            self.services.append(start_prefect_services({**self.env, **(services_env or {})},
+                                                        log_dir))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+        self.postgres.stop()
+
+    def alive(self) -> list[str]:
+        return [s.name for s in self.services if s.alive()]
+
+
+def start_workers_script(env: dict, log_dir: Path, **settings: str) -> Service:
+    """deployments/workers.sh (what `make worker` runs), e.g. GPU_IDS="0" for the workers of a
+    one-GPU host (CUDA_VISIBLE_DEVICES=0 is harmless without a GPU). Its workers run in process
+    groups of their own (job control); the script stops them when it gets SIGTERM."""
+    return Service("workers-sh", [str(REPO / "deployments" / "workers.sh")],
+                   {**env, "PREFECT": str(BIN / "prefect"), **settings}, log_dir)

@@ -1,12 +1,15 @@
-"""Production orchestration end to end, on loopback: a real S3 endpoint (moto), a real Prefect
-server, process workers on the `gpu` and `cpu` pools, the deployments of
-deployments/prefect.yaml registered by deployments/deploy.sh (what `make deploy` runs).
+"""Production orchestration end to end, on loopback: a real S3 endpoint (moto), the production
+Prefect server stack (PostgreSQL, Redis, an API server started with `--no-services` and the
+background services in a process of their own: tests/e2e_services.py, ProductionServer),
+process workers on the `gpu` and `cpu` pools, the deployments of deployments/prefect.yaml
+registered by deployments/deploy.sh (what `make deploy` runs).
 
 Covers: a deployment run writing every artifact and Prefect's JSON results to S3, a second run
 that is all cache hits, a CLI run holding the `gpu` limit and healing its variants as
 `heal-variant` runs, a sweep fanned out through run_deployment (one child on 2 GPUs) where a bad
-model fails alone and a retried parent re-attaches to its children, an unreachable S3 endpoint
-failing fast with one clear error, bad parameters refused at submission, and a run whose worker
+model fails alone and a retried parent re-attaches to its children, a run that cannot redirect
+the worker's S3 endpoint, an artifact store that does not exist failing the run fast with one
+clear error, bad parameters refused at submission, and a run whose worker
 and process were SIGKILLed marked Crashed by the heartbeat automation, its `gpu` slot back.
 """
 
@@ -21,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import s3fs
-from e2e_services import (REPO, flow_run_pids, free_port, run_cli, run_deploy_script,
-                          start_moto, start_prefect_server, start_worker)
+from e2e_services import (REPO, ProductionServer, flow_run_pids, free_port, run_cli,
+                          run_deploy_script, start_moto, start_worker)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
                                             FlowRunFilterId, FlowRunFilterParentFlowRunId,
@@ -48,14 +51,19 @@ TEXTS = [f"Record {i}: the quick brown fox jumps over the lazy dog and keeps run
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """moto + Prefect server + deploy + two workers; all stopped (workers first) afterwards."""
+    """moto + the production Prefect stack + deploy + two workers; all stopped (workers first,
+    the server's database last) afterwards."""
     tmp = tmp_path_factory.mktemp("e2e")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
     env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
                PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_UI_ENABLED="false",
                AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_DEFAULT_REGION="us-east-1")
+    # The commit deploy.sh records and the runs check (tasks/version.py), fixed: a commit made
+    # in this checkout while the test runs must not make the workers refuse the deployments.
+    env["LAYERPRUNE_COMMIT"] = "e2e-test"
     started = []
+    server = None
     mp = pytest.MonkeyPatch()  # this process reads results and artifacts from S3 too
     try:
         moto, endpoint = start_moto(env, tmp)
@@ -66,11 +74,10 @@ def stack(tmp_path_factory):
             mp.setenv(k, env[k])
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir(BUCKET)  # no region: moto refuses a LocationConstraint
-        # The server frees expired `gpu` leases every 5 s (default 15 s): a shorter last test.
-        server, api = start_prefect_server(
-            {**env, "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5"}, tmp)
-        started.append(server)
-        env["PREFECT_API_URL"] = api
+        # The services free expired `gpu` leases every 5 s (default 15 s): a shorter last test.
+        server = ProductionServer(
+            env, tmp, services_env={"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5"})
+        api = env["PREFECT_API_URL"] = server.api
         deploy = run_deploy_script({**env, "ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S)}, gpu_slots=2)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         # Workers poll every 2 s (default 10 s) to keep the test short; runs send heartbeats
@@ -92,7 +99,10 @@ def stack(tmp_path_factory):
         mp.undo()
         for svc in started:
             svc.stop()
-        assert not [s.name for s in started if s.alive()], "a service outlived the test"
+        if server is not None:
+            server.stop()
+        assert not [s.name for s in started if s.alive()] + (server.alive() if server else []), \
+            "a service outlived the test"
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +172,10 @@ def test_deployment_writes_to_s3_and_reruns_from_cache(stack, tiny_models, data)
                            timeout=480, poll_interval=2)
     assert again.state.is_completed(), again.state
     states = _task_states(again.id)
-    assert {s for n, s in states.items() if not n.startswith("describe-model")} == \
-        {"Cached"}, states
+    # Every stage is a cache hit; describe-model and report-artifacts (the Prefect artifacts,
+    # published on every run, cache hit or not: tasks/artifacts.py) are not cached by design.
+    assert {s for n, s in states.items()
+            if not n.startswith(("describe-model", "report-artifacts"))} == {"Cached"}, states
     assert read_run_summary(ROOT, again.id)["report_uri"] == summary["report_uri"]
 
 
@@ -314,23 +326,42 @@ def test_sweep_fans_out_compares_models_and_survives_a_bad_one(stack, tiny_model
     assert fs.glob(f"{board}/nights/*/leaderboard.json") == [night]  # rewritten, not a second
 
 
-def test_unreachable_store_fails_fast_with_one_clear_error(stack, tiny_models, data,
-                                                          monkeypatch):
+def test_a_missing_store_fails_fast_and_no_run_can_redirect_the_s3_endpoint(
+        stack, tiny_models, data, monkeypatch):
+    """The worker's S3 endpoint is the worker's: the process pool's template refuses a run's
+    `env` job variable for AWS_ENDPOINT_URL at submission (deployments/process-pool.json), so
+    no run can send the worker's credentials elsewhere. A run whose artifact store cannot be
+    used (here a bucket that does not exist) fails first thing, before any model loads, with
+    one error naming the store; the store's own I/O gives up on a dead endpoint in seconds."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    root = f"s3://{BUCKET}/unreachable"
+    with get_client(sync_client=True) as client:
+        before = len(client.read_flow_runs())
+    with pytest.raises(PrefectHTTPStatusError) as refused:
+        run_deployment("prune-and-heal/default", timeout=0,
+                       parameters={"params": _model_params(tiny_models["llama"], data)},
+                       job_variables={"env": {"AWS_ENDPOINT_URL": dead}})
+    assert refused.value.response.status_code in (409, 422)
+    assert "AWS_ENDPOINT_URL" in refused.value.response.text
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == before  # nothing was created
+
+    root = "s3://no-such-bucket/runs"
     run = run_deployment("prune-and-heal/default", timeout=300, poll_interval=2,
-                         parameters={"params": _model_params(tiny_models["llama"], data, root)},
-                         job_variables={"env": {"AWS_ENDPOINT_URL": dead}})
+                         parameters={"params": _model_params(tiny_models["llama"], data, root)})
     assert run.state.is_failed(), run.state
-    assert "artifacts: cannot reach the artifact store" in run.state.message
-    assert dead in run.state.message
-    assert not stack["fs"].exists(f"{BUCKET}/unreachable")  # nothing complete-looking
+    assert "artifacts: bucket 'no-such-bucket' of 's3://no-such-bucket/runs' does not exist" \
+        in run.state.message
+    assert (run.end_time - run.start_time).total_seconds() < 60, "not fast"
+    assert _task_states(run.id) == {}, _task_states(run.id)  # no stage, not even describe-model
+    assert not stack["fs"].exists("no-such-bucket")  # nothing created on the way
 
     # The store itself, in this process: the same bounded retries on every stage's I/O.
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     started = time.time()
     with pytest.raises(Exception, match="Could not connect"):
-        ArtifactStore(root).manifest("loss", "0123")
+        ArtifactStore(f"s3://{BUCKET}/unreachable").manifest("loss", "0123")
     assert time.time() - started < 30  # botocore's defaults: minutes for a black-holed host
     monkeypatch.setenv("AWS_ENDPOINT_URL", stack["env"]["AWS_ENDPOINT_URL"])
     with pytest.raises(StoreUnavailable, match="bucket 'no-such-bucket' .* does not exist"):

@@ -79,9 +79,13 @@ def test_s3_options_come_from_the_environment(monkeypatch):
 def test_local_results_and_run_summaries_live_next_to_the_artifacts(tmp_path):
     # (result_storage_for needs a server: tests/test_flow.py)
     storage = AtomicLocalFileSystem(basepath=str(tmp_path / "store" / "prefect-results"))
-    written = storage.write_path("abc@123", b'{"x": 1}')  # relative: under the basepath
+    from tasks.results import JSON_SERIALIZER
+
+    record = json.dumps({"metadata": {"serializer": JSON_SERIALIZER},
+                         "result": json.dumps({"x": 1})}).encode()  # what Prefect writes
+    written = storage.write_path("abc@123", record)  # relative: under the basepath
     assert Path(written) == tmp_path / "store" / "prefect-results" / "abc@123"
-    assert storage.read_path(written) == b'{"x": 1}'  # absolute keys inside it work too
+    assert storage.read_path(written) == record  # absolute keys inside it work too
     assert [p.name for p in Path(written).parent.iterdir()] == ["abc@123"]  # no temp file left
     with pytest.raises(ValueError, match="outside"):
         storage.write_path("../escape", b"")
@@ -204,7 +208,8 @@ def _workers(tmp_path: Path, env: dict, nvidia_smi: str | None = None) -> list[d
                     f"with open({str(record)!r}, 'a') as f:\n"
                     "    f.write(json.dumps({'argv': sys.argv[1:], "
                     "'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), "
-                    "'heartbeat': os.environ.get('PREFECT_FLOWS_HEARTBEAT_FREQUENCY')})"
+                    "'heartbeat': os.environ.get('PREFECT_FLOWS_HEARTBEAT_FREQUENCY'), "
+                    "'heal_queue': os.environ.get('LAYERPRUNE_HEAL_QUEUE')})"
                     " + '\\n')\n")
     fake.chmod(0o755)
     if nvidia_smi is not None:  # stands in for the driver's tool, whatever this machine has
@@ -213,7 +218,7 @@ def _workers(tmp_path: Path, env: dict, nvidia_smi: str | None = None) -> list[d
         smi.chmod(0o755)
     base = {k: v for k, v in os.environ.items()
             if k not in ("PREFECT", "GPU_IDS", "GPU_GROUPS", "CUDA_VISIBLE_DEVICES", "POOLS",
-                         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")}
+                         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "LAYERPRUNE_HEAL_QUEUE")}
     run = subprocess.run([str(REPO / "deployments" / "workers.sh")], text=True, timeout=60,
                          capture_output=True,
                          env={**base, "PATH": f"{bin_dir}:/usr/bin:/bin", **env})
@@ -225,32 +230,55 @@ def _option(argv: list[str], name: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == name]
 
 
-def test_one_gpu_worker_per_gpu_id(tmp_path):
-    calls = _workers(tmp_path, {"GPU_IDS": "0,1,2,3"}, nvidia_smi="exit 1")
+def _main_and_heal(calls: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The gpu pool's workers: those that run prune-and-heal runs, and the reserved heal ones."""
     gpu = [c for c in calls if _option(c["argv"], "--pool") == ["gpu"]]
+    heal = [c for c in gpu if _option(c["argv"], "--name")[0].endswith("-heal")]
+    return [c for c in gpu if c not in heal], heal
+
+
+def test_one_gpu_worker_per_gpu_id_and_a_heal_worker_beside_it(tmp_path):
+    """Catches heal children that could wait behind their own parent: every GPU's main worker
+    hands its runs a heal queue that only a worker reserved for the same GPU polls, and no main
+    worker polls a heal queue of any GPU (flows/heal.py, docs/operations.md)."""
+    calls = _workers(tmp_path, {"GPU_IDS": "0,1,2,3"}, nvidia_smi="exit 1")
+    main, heal = _main_and_heal(calls)
     cpu = [c for c in calls if _option(c["argv"], "--pool") == ["cpu"]]
-    assert sorted(c["gpus"] for c in gpu) == ["0", "1", "2", "3"]
-    assert all(_option(c["argv"], "--limit") == ["1"] for c in gpu)
-    assert all(_option(c["argv"], "--work-queue") == [] for c in gpu)  # every queue
-    assert len({_option(c["argv"], "--name")[0] for c in gpu}) == 4
+    assert sorted(c["gpus"] for c in main) == sorted(c["gpus"] for c in heal) == \
+        ["0", "1", "2", "3"]
+    assert all(_option(c["argv"], "--limit") == ["1"] for c in main + heal)
+    assert all(_option(c["argv"], "--work-queue") == ["default", "heal"] for c in main)
+    queues = {c["gpus"]: c["heal_queue"] for c in main}
+    assert len(set(queues.values())) == 4 and all(q.startswith("heal-") for q in queues.values())
+    for c in heal:  # polls only the queue of the runs on its own GPU
+        assert _option(c["argv"], "--work-queue") == [queues[c["gpus"]]]
+    assert len({_option(c["argv"], "--name")[0] for c in main + heal}) == 8
     assert len(cpu) == 1 and cpu[0]["gpus"] is None and "--limit" not in cpu[0]["argv"]
     assert {c["heartbeat"] for c in calls} == {"30"}  # runs emit heartbeats every 30 s
 
 
 def test_gpu_groups_make_k_gpu_workers_on_their_queue(tmp_path):
     calls = _workers(tmp_path, {"GPU_GROUPS": "0,1 2,3", "POOLS": "gpu"})
-    assert sorted(c["gpus"] for c in calls) == ["0,1", "2,3"]
-    for c in calls:
+    main, heal = _main_and_heal(calls)
+    assert sorted(c["gpus"] for c in main) == sorted(c["gpus"] for c in heal) == ["0,1", "2,3"]
+    for c in main:
         assert _option(c["argv"], "--limit") == ["1"]
-        assert _option(c["argv"], "--work-queue") == ["default", "gpus-2"]
+        assert _option(c["argv"], "--work-queue") == ["default", "heal", "gpus-2"]
+    for c in heal:
+        assert _option(c["argv"], "--limit") == ["1"]
+        assert _option(c["argv"], "--work-queue") == \
+            [next(m["heal_queue"] for m in main if m["gpus"] == c["gpus"])]
 
 
 def test_gpus_come_from_nvidia_smi_and_none_means_one_worker(tmp_path):
     listing = "\\n".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}abc)" for i in range(2))
     calls = _workers(tmp_path / "two", {"POOLS": "gpu"}, nvidia_smi=f"printf '{listing}\\n'")
-    assert sorted(c["gpus"] for c in calls) == ["0", "1"]
+    main, heal = _main_and_heal(calls)
+    assert sorted(c["gpus"] for c in main) == sorted(c["gpus"] for c in heal) == ["0", "1"]
     calls = _workers(tmp_path / "none", {"POOLS": "gpu"}, nvidia_smi="exit 9")
     assert len(calls) == 1 and calls[0]["gpus"] is None and "--limit" not in calls[0]["argv"]
+    assert calls[0]["heal_queue"] is None  # its heal children go to `heal`, which it polls
+    assert _option(calls[0]["argv"], "--work-queue") == []  # every queue
 
 
 @pytest.mark.parametrize("flow_name, params", [

@@ -88,7 +88,8 @@ class SweepParams(_Spec):
     # 6 h: a 70B model on one GPU (distances + 10 variants) fits; a hung child cannot hold a
     # `gpu` concurrency slot forever.
     child_timeout_s: int = Field(6 * 3600, ge=60, le=7 * 24 * 3600,
-                                 description="seconds to wait for each per-model run")
+                                 description="seconds each per-model run may run (from its start: "
+                                             "time queued does not count)")
     gpu_count: int = Field(1, ge=1, le=64, description="GPUs each per-model run gets (job "
                            "variable gpu_count; that many slots of the `gpu` limit)")
     gpu_counts: dict[str, GpuCount] = Field(default_factory=dict, description="per-model "
