@@ -2,8 +2,12 @@
 
 Four tables, each against its baseline:
 1. default path: the whole `layerprune distances` process (model load included), default
-   options, against a process that loads the same model and runs a bare batch-1 forward with
-   logits over the same texts;
+   options, against a process that loads the same model with plain transformers (AutoTokenizer
+   and AutoModelForCausalLM, float32 on the CPU as layerprune computes there) and runs a bare
+   batch-1 forward with logits over the same texts; for the safetensors SmolLM2 and for the GGUF
+   file it was converted from (transformers parses a GGUF file whole for each config, tokenizer
+   and model it reads: layerprune reads its config once, `models.description`), the pair run
+   back to back `--repeats` times, the ratio of each pair and their median;
 2. extraction held in memory against layer-streamed (`--extraction streamed`): seconds and peak
    anonymous memory, on SmolLM2 and (with `--big`) on the 1.5B Qwen2.5 checkpoint;
 3. pruning by checkpoint surgery against load-and-save, on float32 and bfloat16 checkpoints;
@@ -15,7 +19,7 @@ Peak memory is anonymous memory (heap and tensors: RssAnon of /proc/PID/status, 
 pressure, so RSS would charge streaming for what the kernel caches.
 
     python benchmarks/scale.py [--threads 2] [--samples 200] [--seq-len 256] [--big]
-                               [--only default,extract,prune,nf4]
+                               [--repeats 1] [--only default,extract,prune,nf4]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,14 +36,17 @@ import time
 from pathlib import Path
 
 SMOLLM2 = "bundled:SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "bundled:SmolLM2-135M-Instruct-gguf"  # Q4_1, what SMOLLM2 was converted from
 QWEN = "bundled:Qwen2.5-Coder-1.5B-Instruct"  # bfloat16 safetensors, converted on first use
 DATA = "bundled:wiki-calibration"
 LAYERPRUNE = [sys.executable, "-m", "layerprune.cli"]
 
 
 def measure(cmd: list[str], threads: int) -> dict:
-    """Run `cmd`; its wall time and peak anonymous memory (MB)."""
+    """Run `cmd`; its wall time, CPU time (user + system: less swayed than wall time by other
+    work on a shared machine) and peak anonymous memory (MB)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -59,24 +67,33 @@ def measure(cmd: list[str], threads: int) -> dict:
     sampler.start()
     out, err = proc.communicate()
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child, reaped by communicate()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return {"seconds": seconds, "peak_anon_mb": peak[0] / 1024, "stdout": out}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_anon_mb": peak[0] / 1024, "stdout": out}
 
 
 def bare_forward(model: str, samples: int, seq_len: int) -> None:
-    """Child: load the model, run a batch-1 forward with logits over the calibration texts."""
+    """Child: load the model as a plain transformers user would (no layerprune code on the path:
+    a baseline our changes cannot speed up), run a batch-1 forward with logits over the
+    calibration texts."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerprune.method.calibration import sample_texts, tokenize
-    from layerprune.models.loading import load_model
+    from layerprune.models.assets import resolve_ref
 
-    loaded = load_model(model)
-    ids = tokenize(sample_texts(DATA, samples, None), loaded.tokenizer, seq_len)
+    path = Path(resolve_ref(model))
+    where = {"gguf_file": path.name} if path.is_file() else {}
+    path = path.parent if path.is_file() else path
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **where)
+    lm = AutoModelForCausalLM.from_pretrained(str(path), **where, dtype=torch.float32).eval()
+    ids = tokenize(sample_texts(DATA, samples, None), tokenizer, seq_len)
     with torch.inference_mode():
         for row in ids:
-            loaded.model(input_ids=torch.tensor([row]), use_cache=False).logits.sum()
+            lm(input_ids=torch.tensor([row]), use_cache=False).logits.sum()
 
 
 def load_and_save(model: str, start: int, n: int, out: str, dtype: str) -> None:
@@ -114,14 +131,33 @@ HEADER = f"{'variant':58s} {'seconds':>8s} {'ratio':>6s} {'anon MB':>9s} {'ratio
 
 
 def table_default(args, tmp: Path) -> None:
-    print(f"\n1. default path, {SMOLLM2}, {args.samples} passages x {args.seq_len} tokens, "
-          f"{args.threads} threads, whole process")
-    base = measure([sys.executable, __file__, "--child", "bare-forward", "--model", SMOLLM2,
-                    "--samples", str(args.samples), "--seq-len", str(args.seq_len)], args.threads)
-    ours = measure(distances_cmd(SMOLLM2, args, str(tmp / "default")), args.threads)
-    print(HEADER)
-    print(row("load + bare forward with logits, batch 1", base, base))
-    print(row("layerprune distances (defaults)", ours, base))
+    import statistics
+
+    for model in (SMOLLM2, SMOLLM2_GGUF):
+        print(f"\n1. default path, {model}, {args.samples} passages x {args.seq_len} tokens, "
+              f"{args.threads} threads (OMP_NUM_THREADS), whole process, {args.repeats} pair(s)")
+        print(HEADER)
+        ratios, cpu_ratios = [], []
+        for r in range(args.repeats):
+            runs = {"base": lambda: measure(
+                        [sys.executable, __file__, "--child", "bare-forward", "--model", model,
+                         "--samples", str(args.samples), "--seq-len", str(args.seq_len)],
+                        args.threads),
+                    "ours": lambda: measure(distances_cmd(model, args, str(tmp / f"default-{r}")),
+                                            args.threads)}
+            # Alternate which runs first, so a machine busier early or late favours neither.
+            done = {k: runs[k]() for k in (("base", "ours") if r % 2 == 0 else ("ours", "base"))}
+            base, ours = done["base"], done["ours"]
+            print(row(f"[{r + 1}] load + bare forward with logits, batch 1", base, base))
+            print(row(f"[{r + 1}] layerprune distances (defaults)", ours, base))
+            ratios.append(ours["seconds"] / base["seconds"])
+            cpu_ratios.append(ours["cpu_seconds"] / base["cpu_seconds"])
+            print(f"    CPU seconds (user + system): bare forward {base['cpu_seconds']:.1f}, "
+                  f"distances {ours['cpu_seconds']:.1f}")
+        for what, values in (("wall", ratios), ("CPU", cpu_ratios)):
+            print(f"distances / bare forward, whole process, {what} time: "
+                  f"{', '.join(f'{x:.2f}' for x in values)} "
+                  f"(median {statistics.median(values):.2f})")
 
 
 def table_extract(args, tmp: Path, model: str, samples: int, seq_len: int, budget: str) -> None:
@@ -208,6 +244,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="pairs run back to back (table 1)")
     p.add_argument("--big", action="store_true",
                    help="also the 1.5B Qwen2.5 (fetches 1.1 GB of wheels on first use)")
     p.add_argument("--only", default="default,extract,prune,nf4")

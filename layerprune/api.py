@@ -83,8 +83,9 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
     `batch_size`: "auto" is the fastest for the device (`batching.resolve_batch_size`).
     `extraction`: "in-memory", "streamed" (one layer at a time, `layerprune.method.streaming`) or "auto":
     streamed when the model does not fit `memory_budget` ("700MB", "40GB"; default: the memory
-    available), the most weights + activations held at once. `placement`: how the model is
-    held (`model_spec`)."""
+    available), the most weights + activations held at once, and for a GGUF file whenever
+    streaming fits (it reads the file once; loading it whole parses it twice). `placement`: how
+    the model is held (`model_spec`)."""
     check_output_dir(out)
     spec = model_spec(model, placement)
     batch_size = resolve_batch_size(batch_size, spec.device)

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extraction", default="auto", choices=["auto", "in-memory", "streamed"],
                    help="streamed: one decoder layer in memory at a time (safetensors or GGUF "
                         "checkpoints), same result; auto: streamed when the model does not fit "
-                        "--max-memory")
+                        "--max-memory, or when it is a GGUF file (read once, not twice)")
     p.add_argument("--max-memory", dest="memory_budget", default=None, metavar="SIZE",
                    help="most weights + activations held at once, e.g. 700MB, 40GB "
                         "(default: the memory available)")

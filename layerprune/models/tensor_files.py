@@ -7,8 +7,6 @@ dequantized tensor by tensor, under the names transformers gives its tensors.
 
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 
 import torch
@@ -17,20 +15,6 @@ from torch import nn
 from layerprune.models.assets import resolve_ref
 from layerprune.errors import LayerPruneError
 from layerprune.models.loading import decoder_layers, is_gguf, read_config
-
-
-def _config(ref: str, trust_remote_code: bool, revision: str | None):
-    # Parsing a GGUF file's metadata takes ~20 s: the memory plan and the pass share one parse
-    # (keyed by the file's modification time, so a rewritten model is read again).
-    path = Path(resolve_ref(ref))
-    path = path / "config.json" if path.is_dir() else path
-    return _cached_config(ref, trust_remote_code, revision,
-                          path.stat().st_mtime_ns if path.exists() else None)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_config(ref: str, trust_remote_code: bool, revision: str | None, _stamp: int | None):
-    return read_config(ref, trust_remote_code, revision)
 
 
 def skeleton(ref: str, dtype: torch.dtype, revision: str | None = None,
@@ -44,7 +28,7 @@ def skeleton(ref: str, dtype: torch.dtype, revision: str | None = None,
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(_config(ref, trust_remote_code, revision))
+    config = read_config(ref, trust_remote_code, revision)  # a copy: read once per process
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
