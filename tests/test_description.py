@@ -277,3 +277,39 @@ def test_one_distances_call_reads_a_checkpoint_directorys_config_once(tiny_model
     api.distances(tiny_models["llama"], texts_jsonl, samples=4, seq_len=16,
                   out=str(tmp_path / "out"), folds=2, bootstrap=0)
     assert reads == [tiny_models["llama"]]
+
+
+def test_the_next_process_reads_a_ggufs_config_and_tokenizer_from_disk(tiny_gguf, texts_jsonl,
+                                                                        tmp_path, parses):
+    """The first process converts the GGUF's config and tokenizer once and keeps them in the
+    cache; the next (forget(): a new process's memory) parses the file only for its tensors,
+    with the same tokens and distances. Catches a cache that is written but never read, one
+    keyed so that it never matches, and a converted tokenizer that tokenizes differently."""
+    from layerprune import api
+    from layerprune.models import description
+    from layerprune.models.loading import load_tokenizer, read_config
+
+    def run(name):
+        return api.distances(str(tiny_gguf), texts_jsonl, samples=4, seq_len=16,
+                             out=str(tmp_path / name), folds=2, bootstrap=0)
+
+    first = run("first")
+    assert sorted(parses) == ["metadata", "metadata", "tensors"]
+    parsed_tokenizer, parsed_config = load_tokenizer(str(tiny_gguf)), read_config(str(tiny_gguf))
+    description.forget()
+    parses.clear()
+    second = run("second")
+    assert parses == ["tensors"]  # no metadata parse: config and tokenizer came from disk
+    assert second["distance"] == first["distance"]
+    kept_tokenizer, kept_config = load_tokenizer(str(tiny_gguf)), read_config(str(tiny_gguf))
+    text = "The capital of France is Paris, said the 3 models."
+    assert kept_tokenizer(text)["input_ids"] == parsed_tokenizer(text)["input_ids"]
+    assert (kept_tokenizer.bos_token_id, kept_tokenizer.eos_token_id) == \
+        (parsed_tokenizer.bos_token_id, parsed_tokenizer.eos_token_id)
+    skip = {"transformers_version", "_name_or_path"}
+    assert {k: v for k, v in kept_config.to_dict().items() if k not in skip} == \
+        {k: v for k, v in parsed_config.to_dict().items() if k not in skip}
+    write_tiny_gguf(tiny_gguf, context=64, layers=3)  # a rewritten file: converted again
+    description.forget()
+    parses.clear()
+    assert read_config(str(tiny_gguf)).num_hidden_layers == 3 and parses == ["metadata"]

@@ -8,6 +8,12 @@ loads. `layerprune.models.loading` reads every such thing through `remember`, ke
 the model is, what its files are now (`stamp`), the revision and trust_remote_code: a rewritten
 model is a new key and is read again. The values are mutable objects (pruning edits a config,
 callers set a tokenizer's padding side): callers hand out deep copies, never what is kept here.
+
+A GGUF file's config and tokenizer are also kept on disk (`kept_on_disk`): converted once to a
+standard config.json and tokenizer files in the layerprune cache, keyed by the file's location,
+size, modification time and inode, so the next process reads a few small files instead of
+parsing the whole GGUF twice (about 10 s for the 98 MB demo file on 2 cores, a minute for a
+1 GB one). A rewritten file is a new key; a damaged or unreadable cache entry is read again.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable, TypeVar
 
 from layerprune.models.assets import resolve_ref
 from layerprune.models.gguf import is_gguf
+from layerprune.store.files import atomic_output_dir, cache_dir
 
 T = TypeVar("T")
 
@@ -85,6 +92,43 @@ def remember(what: str, ref: str, revision: str | None, trust_remote_code: bool,
     _memo[key] = value
     while len(_memo) > MAX_ENTRIES:
         _memo.popitem(last=False)
+    return value
+
+
+GGUF_CACHE = "gguf-descriptions"  # under store.files.cache_dir()
+
+
+def gguf_cache_dir(ref: str) -> Path | None:
+    """Where what is converted from the local GGUF file `ref` is kept between processes; None
+    for anything that is not a local GGUF file."""
+    path = Path(resolve_ref(ref))
+    if not (is_gguf(str(path)) and path.is_file()):
+        return None
+    st = path.stat()
+    stamp_text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return cache_dir() / GGUF_CACHE / hashlib.sha256(stamp_text.encode()).hexdigest()[:24]
+
+
+def kept_on_disk(part: str, ref: str, read: Callable[[], T], save: Callable[[T, Path], None],
+                 load: Callable[[Path], T]) -> T:
+    """`read()` for anything but a local GGUF file. For one: `load` it from the cache when a
+    previous process kept it there, else `read()` it and `save` it there (atomically: a reader
+    finds a whole entry or none; a cache that cannot be written costs only the next parse)."""
+    base = gguf_cache_dir(ref)
+    if base is None:
+        return read()
+    target = base / part
+    if target.is_dir():
+        try:
+            return load(target)
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: read it again below
+            pass
+    value = read()
+    try:
+        with atomic_output_dir(target) as tmp:
+            save(value, tmp)
+    except OSError:
+        pass
     return value
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from layerprune.models.assets import check_bundled, resolve_ref
 from layerprune.models.checkpoint_files import TOKENIZER_FILES, check_weight_files, gguf_keys
-from layerprune.models.description import remember, source
+from layerprune.models.description import kept_on_disk, remember, source
 from layerprune.errors import LayerPruneError
 from layerprune.models.gguf import is_gguf, mark_dequantized
 from layerprune.store.files import files_hash
@@ -141,8 +141,10 @@ def _read_config(ref: str, trust_remote_code: bool, revision: str | None):
     from transformers import AutoConfig
 
     path, kwargs = source(ref, revision, trust_remote_code)
-    try:
-        return AutoConfig.from_pretrained(path, **kwargs)
+    try:  # a GGUF file's config converted once, kept on disk (models.description)
+        return kept_on_disk("config", ref, lambda: AutoConfig.from_pretrained(path, **kwargs),
+                            lambda config, d: config.save_pretrained(d),
+                            lambda d: AutoConfig.from_pretrained(str(d)))
     except (OSError, ValueError, KeyError, TypeError) as e:  # bad JSON, an unknown model_type,
         # GGUF metadata transformers cannot map: the first line names it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -176,7 +178,8 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False, revision: str | No
 
     From a GGUF file, transformers' AutoTokenizer re-reads the config from the file whatever
     `config=` says (its GGUF branch ignores that argument), and it has no public way to name the
-    tokenizer class instead: that parse stays, once per process."""
+    tokenizer class instead: that parse stays, once per process and, with the converted
+    tokenizer kept on disk, once per file."""
     return copy.deepcopy(remember("tokenizer", ref, revision, trust_remote_code,
                                   lambda: _read_tokenizer(ref, trust_remote_code, revision)))
 
@@ -185,9 +188,12 @@ def _read_tokenizer(ref: str, trust_remote_code: bool, revision: str | None):
     from transformers import AutoTokenizer
 
     path, kwargs = source(ref, revision, trust_remote_code)
-    try:  # `config=` (documented) picks the class without reading the config again
-        return AutoTokenizer.from_pretrained(
-            path, **kwargs, config=read_config(ref, trust_remote_code, revision))
+    try:  # `config=` (documented) picks the class without reading the config again; a GGUF
+        # file's tokenizer is converted once and kept on disk (models.description)
+        return kept_on_disk("tokenizer", ref, lambda: AutoTokenizer.from_pretrained(
+            path, **kwargs, config=read_config(ref, trust_remote_code, revision)),
+            lambda tokenizer, d: tokenizer.save_pretrained(d),
+            lambda d: AutoTokenizer.from_pretrained(str(d)))
     except (OSError, ValueError, TypeError) as e:  # what transformers raises for a missing or
         # unusable tokenizer; the first line says which (the rest is a long how-to)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
