@@ -55,8 +55,8 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> str:
 
     if args.drop == 0:
         return resolve_ref("bundled:SmolLM2-135M-Instruct")
-    from layerprune.models.loading import load_model
     from layerprune.method.prune import heuristic_start, save_pruned
+    from layerprune.models.loading import load_model
 
     loaded = load_model("bundled:SmolLM2-135M-Instruct")
     start = heuristic_start(loaded.model.config.num_hidden_layers, args.drop)
@@ -70,8 +70,8 @@ def run_variant(args: argparse.Namespace, model_dir: str, quant: bool, workdir: 
     import psutil
     import torch
 
-    from layerprune.heal.run import heal
     from layerprune.heal.config import HealConfig
+    from layerprune.heal.run import heal
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -63,8 +63,7 @@ def heldout_loss(model, tokenizer, args) -> float:
 
 
 def similarity_distances(loaded, ids) -> list[list[float]]:
-    from layerprune.method import distances
-    from layerprune.method import hidden_states
+    from layerprune.method import distances, hidden_states
     from layerprune.method.batching import pad_token_id
 
     states = hidden_states.last_token_states(loaded.model, ids, 8,
@@ -76,9 +75,7 @@ def similarity_distances(loaded, ids) -> list[list[float]]:
 def choose_all(loaded, ids, distance, args) -> dict:
     """{"chosen": {n: {strategy: [drop, ...]}} (`--random` drops for random), "seconds": the
     data-driven criteria's, "greedy": greedy-loss's record}."""
-    from layerprune.method import criteria
-    from layerprune.method import prune
-    from layerprune.method import surgery
+    from layerprune.method import criteria, prune, surgery
     from layerprune.method.batching import pad_token_id
 
     pad = pad_token_id(loaded.tokenizer)
@@ -142,10 +139,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from layerprune.method import calibration
-    from layerprune.method import prune
-    from layerprune.models.loading import load_model
+    from layerprune.method import calibration, prune
     from layerprune.method.prune import removed_layers
+    from layerprune.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, "float32")

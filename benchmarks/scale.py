@@ -99,10 +99,10 @@ def bare_forward(model: str, samples: int, seq_len: int) -> None:
 def load_and_save(model: str, start: int, n: int, out: str, dtype: str) -> None:
     """Child: the pruning baseline, the whole model loaded (in `dtype`, or `disk`: the dtype on
     disk) and saved."""
-    from layerprune.models.assets import resolve_ref
-    from layerprune.models.loading import load_model
     from layerprune.method.prune import save_pruned
+    from layerprune.models.assets import resolve_ref
     from layerprune.models.checkpoint_files import disk_dtype
+    from layerprune.models.loading import load_model
 
     if dtype == "disk":
         dtype = disk_dtype(Path(resolve_ref(model))) or "float32"

@@ -45,9 +45,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from layerprune.models.loading import load_model, num_layers
-    from layerprune.method.prune import block_from_start, choose_layers, describe_layers
     from layerprune.evaluate.speed import measure
+    from layerprune.method.prune import block_from_start, choose_layers, describe_layers
+    from layerprune.models.loading import load_model, num_layers
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)

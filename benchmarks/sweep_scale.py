@@ -1,7 +1,7 @@
 """Benchmark: the `sweep` flow at scale, on Prefect's SQLite server and on the production stack
 (PostgreSQL + Redis), M models per sweep (issue 19, item 9).
 
-What it runs. M tiny random-weight models built here (Llama, Qwen2, Gemma3, GPT-2; hidden 32,
+What it runs. M tiny random-weight models built here (Llama, Qwen2, GPT-2; hidden 32,
 4 to 8 layers; SmolLM2's tokenizer), swept by the real `sweep/nightly` deployment: the parent on
 the `cpu` pool, one `prune-and-heal/default` child per model on the `gpu` pool, 3 process
 workers there and a `gpu` concurrency limit of 3, as deployments/deploy.sh (GPU_SLOTS=3) and

@@ -20,12 +20,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from e2e_services import (BIN, Postgres, Service, production_env, run_cli,  # noqa: E402
-                          run_deploy_script, start_prefect_api, start_prefect_server,
-                          start_prefect_services, start_redis)
+from e2e_services import (  # noqa: E402
+    BIN,
+    Postgres,
+    Service,
+    production_env,
+    run_cli,
+    run_deploy_script,
+    start_prefect_api,
+    start_prefect_server,
+    start_prefect_services,
+    start_redis,
+)
 
 GPU_WORKERS = 3  # = GPU_SLOTS of deploy.sh: the `gpu` limit and one worker per "GPU"
-FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+# Families the linear heal applies to: Gemma3's post-feed-forward norm makes the library refuse
+# the patch (layerprune.heal.linear_fit), which would fail a quarter of the children.
+FAMILIES = ("llama", "qwen2", "gpt2")
 TOKENIZER = "bundled:SmolLM2-135M-Instruct"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars fade slowly "
          "above quiet rivers and old stone bridges near Paris in early spring").split()
@@ -157,8 +168,11 @@ class Stack:
 
     def _pause_schedules(self) -> None:
         """The nightly's cron stays off: only the sweep this benchmark submits runs."""
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
-                                                    FlowRunFilterStateType)
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
         from prefect.client.schemas.objects import StateType
 
         with self.client() as c:

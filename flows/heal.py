@@ -27,12 +27,12 @@ from prefect.cache_policies import NO_CACHE
 
 from layerprune.config import HealMethod, HealSpec, ModelSpec
 from layerprune.config.worker import check_for_worker
-from layerprune.store.remote import check_reachable
 from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.remote import check_reachable
 from tasks.children import run_child
-from tasks.version import check_deployed_version
 from tasks.gpus import gpu_job, gpu_slots
 from tasks.heal import STAGE, heal_variant
+from tasks.version import check_deployed_version
 
 HEAL_DEPLOYMENT = "heal-variant/default"  # deployments/prefect.yaml
 # Set by deployments/workers.sh in the environment of a GPU group's worker (so of its runs): the

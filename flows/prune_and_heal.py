@@ -23,35 +23,34 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.heal import heal_in_deployments
-from layerprune.evaluate.benchmarks import check_args as check_benchmarks
-from layerprune.method.calibration import sample_texts
 from layerprune.config import HealSpec, ModelSpec, PruneAndHealParams
 from layerprune.config.worker import check_for_worker
+from layerprune.errors import LayerPruneError
+from layerprune.evaluate.benchmarks import check_args as check_benchmarks
+from layerprune.evaluate.speed import DECODE_PROMPT_TOKENS
+from layerprune.heal import linear_fit
+from layerprune.heal.config import PATCHED
+from layerprune.method.calibration import sample_texts
 from layerprune.method.criteria import DATA_STRATEGIES
 from layerprune.method.data import check_source
-from layerprune.errors import LayerPruneError
-from layerprune.heal.config import PATCHED
-from layerprune.heal import linear_fit
-from layerprune.models.loading import check_context
 from layerprune.method.prune import check_block_size
+from layerprune.models.loading import check_context
 from layerprune.store.remote import check_reachable
-from layerprune.evaluate.speed import DECODE_PROMPT_TOKENS
+from tasks.artifacts import show_report
 from tasks.calibration import calibrate
-from tasks.distances import compute_distances
-from tasks.evaluate import evaluate_variant
 from tasks.common import release_model, stage_files, stage_policy
 from tasks.criteria import layer_scores
+from tasks.distances import compute_distances
+from tasks.evaluate import evaluate_variant
 from tasks.gpus import GpuSlots, gpu_slots
 from tasks.heal import heal_variant
 from tasks.hidden_states import extract_hidden_states
 from tasks.models import describe_model, pinned
 from tasks.prune import prune_model
-from tasks.artifacts import show_report
-from tasks.report import (base_line, describe_variant, healing_columns, publish_report,
-                          random_row)
+from tasks.report import base_line, describe_variant, healing_columns, publish_report, random_row
 from tasks.results import write_run_summary
-from tasks.version import check_deployed_version, running_commit
 from tasks.speed import base_speed, measure_speed, speed_columns
+from tasks.version import check_deployed_version, running_commit
 
 
 # The summary is stored in the artifact store (runs/<flow run id>/summary.json, where a sweep

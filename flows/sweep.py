@@ -27,13 +27,18 @@ from prefect.runtime import flow_run
 from layerprune.config import SweepParams
 from layerprune.config.worker import check_for_worker
 from layerprune.store.remote import check_reachable
+from tasks.artifacts import show_sweep_report
 from tasks.children import bounded_fan_out
 from tasks.gpus import gpu_limit
 from tasks.results import write_run_summary
+from tasks.sweep import (
+    model_depth,
+    model_label,
+    publish_leaderboard,
+    publish_sweep_report,
+    run_model,
+)
 from tasks.version import check_deployed_version
-from tasks.artifacts import show_sweep_report
-from tasks.sweep import (model_depth, model_label, publish_leaderboard, publish_sweep_report,
-                         run_model)
 
 
 # The summary goes to the artifact store (runs/<flow run id>/summary.json), not to Prefect's

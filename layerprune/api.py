@@ -8,38 +8,54 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.method import calibration
+from layerprune.errors import LayerPruneError
+from layerprune.method import (
+    calibration,
+    criteria,
+    hidden_states,
+    layer_config,
+    streaming,
+    surgery,
+)
 from layerprune.method import distances as dist
-from layerprune.method import hidden_states
 from layerprune.method import loss as loss_mod
 from layerprune.method import prune as prune_mod
-from layerprune.method import surgery
-from layerprune.method import layer_config
 from layerprune.method import stability as stab
-from layerprune.method import streaming
 from layerprune.method.batching import PADDING_SIDES, pad_token_id, resolve_batch_size
 from layerprune.method.criteria import DATA_STRATEGIES
 from layerprune.method.data import check_source
-from layerprune.errors import LayerPruneError
+from layerprune.models.loading import (
+    LoadedModel,
+    check_architecture,
+    check_context,
+    check_model_ref,
+    check_tokenizer,
+    check_weights,
+    load_model,
+    load_tokenizer,
+    pinned_revision,
+)
 from layerprune.store.files import atomic_output_dir, check_output_dir, write_json_atomic
-from layerprune.models.loading import (LoadedModel, check_architecture, check_context, check_model_ref,
-                               check_tokenizer, check_weights, load_model, load_tokenizer)
 
 
 def model_spec(model: str, placement: dict):
     """The model and how to hold it (dtype, device, quantization, device_map, max_memory,
-    offload_folder, revision, trust_remote_code: `layerprune.config.ModelSpec`), validated."""
+    offload_folder, revision, trust_remote_code: `layerprune.config.ModelSpec`), validated; a
+    hub id pinned to the commit its revision resolves to now, so that every later read (config,
+    tokenizer, weights) is of that one commit."""
     from pydantic import ValidationError
 
     from layerprune.config import ModelSpec
 
     check_model_ref(model)
     try:
-        return ModelSpec(ref=model, **placement)
+        spec = ModelSpec(ref=model, **placement)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "model"
         raise LayerPruneError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    commit = pinned_revision(spec.ref, spec.revision)
+    return spec.model_copy(update={"revision": commit}) if commit else spec
 
 
 def _load(spec) -> LoadedModel:
@@ -181,7 +197,7 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
         texts = calibration.sample_texts(data, samples, None, text_field)
         loaded = load_model(model, dtype)
         ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
-        scores = _criterion_scores(strategy, loaded, ids, n, batch_size)
+        scores = criteria.scores(strategy, loaded.model, loaded.tokenizer, ids, n, batch_size)
         info.update(scores, calibration={"data": data, "samples": samples, "seq_len": seq_len})
         drop = prune_mod.choose_layers(strategy, n, num_layers,
                                        influence=scores.get("block_influence"),
@@ -223,19 +239,6 @@ def _check_strategy_inputs(strategy: str | None, distances_dir: str | None, data
         raise LayerPruneError("seed (--seed) is read only by strategy 'random'")
 
 
-def _criterion_scores(strategy: str, loaded: LoadedModel, ids: list[list[int]], n: int,
-                      batch_size: int) -> dict:
-    """What a data strategy read, as recorded in prune.json."""
-    from layerprune.method import criteria
-
-    if strategy == "block-influence":
-        return {"block_influence": criteria.block_influence(
-            loaded.model, ids, batch_size, pad_token_id(loaded.tokenizer))}
-    found = criteria.greedy_loss_order(loaded.model, loaded.tokenizer, ids, n, batch_size)
-    return {"greedy_order": found["order"], "greedy_losses": found["losses"],
-            "greedy_base_loss": found["base_loss"], "forward_passes": found["forward_passes"]}
-
-
 def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = None,
          batch_size: int = 8, text_field: str = "text", **placement) -> dict:
     """Write `out/loss.json` = {"loss": mean next-token cross-entropy, "tokens": k}."""
@@ -267,8 +270,7 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
     `benchmarks.items_for_stderr(task, target_stderr)` items; loss reads `samples` records
     (all when None).
     """
-    from layerprune.evaluate import benchmarks
-    from layerprune.evaluate import run
+    from layerprune.evaluate import benchmarks, run
 
     spec = _check_common(model, placement, batch_size, out)
     if target_stderr is not None:

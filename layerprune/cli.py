@@ -295,9 +295,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _maintain(args: argparse.Namespace) -> dict:
     from layerprune.store import maintenance
-    from layerprune.store.remote import StoreUnavailable, check_reachable
-
-    from layerprune.store.remote import is_remote
+    from layerprune.store.remote import StoreUnavailable, check_reachable, is_remote
 
     if not is_remote(args.store) and not Path(args.store).is_dir():
         raise LayerPruneError(f"--store: {args.store!r} is not a directory; give the artifact "

@@ -21,10 +21,20 @@ from prefect.cache_policies import NO_CACHE
 from layerprune.config import PruneAndHealParams
 from layerprune.report.figures import HEATMAP_FILE, STABILITY_FIGURE
 from layerprune.report.markdown import escape_md, escaped_table
-from tasks.common import stage_files
 from layerprune.store.artifacts import ArtifactStore
-from tasks.report import (HEALING_FIGURE, STAGE, TRADEOFF_FIGURE, base_line, publish_report,
-                          report_tables, shown_table, tradeoff_text, with_error_bars)
+from tasks.common import stage_files
+from tasks.report import (
+    HEALING_FIGURE,
+    STAGE,
+    TRADEOFF_FIGURE,
+    base_line,
+    publish_report,
+    report_tables,
+    shown_table,
+    tradeoff_text,
+    with_error_bars,
+)
+
 
 def artifact_key(kind: str, model_ref: str) -> str:
     """A Prefect artifact key for `kind` of one model: lowercase letters, digits and dashes, as

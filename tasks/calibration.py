@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from layerprune.method import calibration
 from layerprune.config import CalibrationSpec, ModelSpec
+from layerprune.method import calibration
 from layerprune.method.data import source_fingerprint as data_fingerprint
 from layerprune.models.loading import load_tokenizer
 from tasks.common import run_stage, stage_task

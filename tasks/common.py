@@ -36,10 +36,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layerprune.config import ModelSpec
-from layerprune.store.leases import LeaseNotTaken
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.placement import dtype_name
 from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.leases import LeaseNotTaken
 from layerprune.store.manifests import ArtifactDamaged, stage_key
 from tasks.results import result_storage_for
 

@@ -12,13 +12,19 @@ The scores go in `scores.json`; the prune stage keys its recipes on this stage's
 
 from __future__ import annotations
 
-from layerprune.method import calibration
-from layerprune.method import criteria
-from layerprune.method.batching import pad_token_id
 from layerprune.config import ModelSpec
+from layerprune.method import calibration, criteria
+from layerprune.method.batching import pad_token_id
 from layerprune.store.files import write_json_atomic
-from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter,
-                          run_stage, stage_files, stage_task)
+from tasks.common import (
+    model_in_memory,
+    model_lock,
+    numerics_key,
+    progress_reporter,
+    run_stage,
+    stage_files,
+    stage_task,
+)
 
 STAGE, VERSION = "scores", 1
 SCORES_FILE = "scores.json"

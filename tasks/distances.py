@@ -3,8 +3,7 @@ stable the block choice is under the calibration sample (layerprune.method.stabi
 
 from __future__ import annotations
 
-from layerprune.method import hidden_states
-from layerprune.method import stability
+from layerprune.method import hidden_states, stability
 from layerprune.report.figures import draw_distances
 from tasks.common import run_stage, stage_files, stage_task
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
-from layerprune.evaluate import benchmarks
-from layerprune.evaluate import run
 from layerprune.config import LossSpec, ModelSpec
+from layerprune.evaluate import benchmarks, run
 from layerprune.method.data import source_fingerprint as data_fingerprint
 from layerprune.method.prune import describe_layers, removed_layers
 from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task

@@ -13,15 +13,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from layerprune.heal import run as heal
-from layerprune.heal import config
 from layerprune.config import HealSpec, ModelSpec
+from layerprune.heal import config
+from layerprune.heal import run as heal
 from layerprune.method.data import source_fingerprint as data_fingerprint
-from layerprune.models.loading import fingerprint as model_fingerprint
 from layerprune.method.surgery import write_pruned
+from layerprune.models.loading import fingerprint as model_fingerprint
 from layerprune.report.figures import heal_curve
-from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter,
-                          release_model, run_stage, stage_files, stage_task)
+from tasks.common import (
+    model_in_memory,
+    model_lock,
+    numerics_key,
+    progress_reporter,
+    release_model,
+    run_stage,
+    stage_files,
+    stage_task,
+)
 
 STAGE, VERSION = "heal", 2
 # What the report shows of each heal, from heal.json (small: the manifest carries it).

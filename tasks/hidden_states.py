@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from layerprune.method import calibration
-from layerprune.method import hidden_states
-from layerprune.method import streaming
-from layerprune.method.batching import pad_token_id
 from layerprune.config import ExtractionSpec, ModelSpec
+from layerprune.method import calibration, hidden_states, streaming
+from layerprune.method.batching import pad_token_id
 from layerprune.models.loading import load_tokenizer
-from tasks.common import (model_in_memory, model_lock, numerics_key, progress_reporter, run_stage,
-                          stage_files, stage_task)
+from tasks.common import (
+    model_in_memory,
+    model_lock,
+    numerics_key,
+    progress_reporter,
+    run_stage,
+    stage_files,
+    stage_task,
+)
 
 STAGE, VERSION = "hidden_states", 1
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.method import distances as dist
-from layerprune.method import prune
-from layerprune.method import surgery
 from layerprune.config import ModelSpec
+from layerprune.method import distances as dist
+from layerprune.method import prune, surgery
 from layerprune.store.files import write_json_atomic
 from tasks.common import model_in_memory, model_lock, run_stage, stage_files, stage_task
 from tasks.criteria import load_scores

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from layerprune.config import PruneAndHealParams
-from layerprune.report.figures import metric_curves, train_loss_curves
 from layerprune.method.prune import describe_layers
+from layerprune.report.figures import metric_curves, train_loss_curves
 from layerprune.report.tradeoff import pareto_best, tradeoff_figure
 from tasks.common import run_stage, stage_files, stage_task
 from tasks.heal import STAGE as HEAL_STAGE

@@ -54,9 +54,9 @@ from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 from prefect.settings import get_current_settings
 from pydantic import Field
 
+from layerprune.store.artifacts import ArtifactStore
 from layerprune.store.files import write_json_atomic
 from layerprune.store.remote import is_remote, storage_options_from_env
-from layerprune.store.artifacts import ArtifactStore
 
 RESULTS_DIR = "prefect-results"
 RUNS_DIR = "runs"  # run summaries; not a stage (layerprune.store.maintenance.NOT_STAGES)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import statistics
 
-from layerprune.evaluate import speed as speed_mod
 from layerprune.config import ModelSpec, SpeedSpec
-from layerprune.store.files import write_json_atomic
+from layerprune.evaluate import speed as speed_mod
 from layerprune.method.prune import describe_layers
+from layerprune.store.files import write_json_atomic
 from tasks.common import model_in_memory, model_lock, numerics_key, run_stage, stage_task
 
 STAGE, VERSION = "speed", 1

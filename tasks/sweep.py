@@ -21,12 +21,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from layerprune.report.figures import metric_curves
-from layerprune.report.leaderboard.nights import (LOSE_FIGURE, LOSS_FIGURE, Leaderboard, model_entry,
-                                    night_record)
-from layerprune.report.leaderboard.figures import can_lose_figure
-from layerprune.report.leaderboard.page import publish_night
 from layerprune.models.loading import check_architecture
+from layerprune.report.figures import metric_curves
+from layerprune.report.leaderboard.figures import can_lose_figure
+from layerprune.report.leaderboard.nights import (
+    LOSE_FIGURE,
+    LOSS_FIGURE,
+    Leaderboard,
+    model_entry,
+    night_record,
+)
+from layerprune.report.leaderboard.page import publish_night
 from layerprune.store.remote import storage_options_from_env
 from tasks.children import run_child
 from tasks.common import run_stage, stage_task

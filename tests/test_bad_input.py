@@ -138,8 +138,8 @@ def test_gguf_structure_check_accepts_whole_files_and_finds_every_cut(tmp_path):
     """Cut anywhere (inside the metadata, inside the tensor records, by one byte of tensor
     data) and the file is refused; the whole file passes. A check of the magic bytes alone, or
     one that never compares the tensors' extent with the file size, passes the cut files."""
-    from layerprune.models.checkpoint_files import gguf_keys
     from layerprune.errors import LayerPruneError
+    from layerprune.models.checkpoint_files import gguf_keys
     from layerprune.models.loading import check_tokenizer
 
     whole = _tiny_gguf(tmp_path / "whole.gguf")
@@ -608,9 +608,9 @@ def test_the_schemas_enums_and_patterns_agree_with_the_code():
     import re
     import typing
 
-    from layerprune.evaluate.benchmarks import TASKS
     from layerprune.config import BenchmarkTask, Size
     from layerprune.errors import LayerPruneError
+    from layerprune.evaluate.benchmarks import TASKS
     from layerprune.models.placement import parse_size
 
     assert set(typing.get_args(BenchmarkTask)) == set(TASKS) - {"loss"}

@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerprune.models import assets
-from layerprune.evaluate import benchmarks
-from layerprune.evaluate import run
-from layerprune.evaluate import lm_eval_tasks
 from layerprune.errors import LayerPruneError
+from layerprune.evaluate import benchmarks, lm_eval_tasks, run
+from layerprune.models import assets
 
 RECORDS = ["The quick brown fox jumps over the lazy dog.",
            "Paris is the capital and most populous city of France.",

@@ -174,8 +174,7 @@ def test_cli_choices_are_the_librarys(capsys):
     module to build itself): a healing method or logits mode added to the library must reach
     the CLI.
     Catches a fifth healing method missing from `--method`."""
-    from layerprune.heal.config import HealConfig
-    from layerprune.heal.config import METHODS
+    from layerprune.heal.config import METHODS, HealConfig
 
     heal = ["heal", "--model", "m", "--data", "d", "--out", "o"]
     assert _choices(heal + ["--method", "bogus"], capsys) == list(METHODS)

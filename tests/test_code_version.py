@@ -57,8 +57,9 @@ def test_a_run_of_another_commits_deployment_is_refused(monkeypatch):
 
 
 def test_deploy_records_the_commit_as_every_deployments_version():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     repo = Path(__file__).resolve().parent.parent
     deployments = yaml.safe_load((repo / "deployments" / "prefect.yaml").read_text())

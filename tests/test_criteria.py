@@ -14,14 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.method import calibration
-from layerprune.method import criteria
-from layerprune.method import distances as dist
-from layerprune.method import hidden_states
-from layerprune.method import prune
-from layerprune.method.batching import batches, pad_token_id
 from layerprune.cli import main
 from layerprune.errors import LayerPruneError
+from layerprune.method import calibration, criteria, hidden_states, prune
+from layerprune.method import distances as dist
+from layerprune.method.batching import batches, pad_token_id
 from layerprune.models.loading import base_model, decoder_layers, layer_list_owner, load_model
 from tests.conftest import TEXTS
 

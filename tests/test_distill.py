@@ -21,15 +21,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from layerprune.heal import run as heal_mod
-from layerprune.heal import config
 from layerprune.cli import main
-from layerprune.heal.distill import (CACHE, CACHE_RECORD, choose_teacher_logits, distillation_loss,
-                                estimate_bytes, kl_to_teacher, teacher_top_k, train_distilled)
 from layerprune.errors import LayerPruneError
+from layerprune.heal import config
+from layerprune.heal import run as heal_mod
+from layerprune.heal.config import HealConfig, method_config
+from layerprune.heal.distill import (
+    CACHE,
+    CACHE_RECORD,
+    choose_teacher_logits,
+    distillation_loss,
+    estimate_bytes,
+    kl_to_teacher,
+    teacher_top_k,
+    train_distilled,
+)
 from layerprune.heal.run import heal
 from layerprune.report.figures import heal_curve
-from layerprune.heal.config import HealConfig, method_config
 
 WORDS = {"adj": "red big small old new blue quiet".split(),
          "noun": "cat dog mat park house river tree bird".split(),

@@ -13,11 +13,11 @@ from uuid import uuid4
 
 import pytest
 import yaml
+from test_orchestration_units import REPO
 
 from flows.heal import HEAL_QUEUE_ENV, heal_job
 from tasks import children
 from tasks.children import FanOut, admits, bounded_fan_out, overdue, run_child
-from test_orchestration_units import REPO
 
 
 def test_admission_is_first_come_and_weighted():

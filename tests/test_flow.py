@@ -11,23 +11,26 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
-from safetensors.torch import load_file
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                            FlowRunFilterId)
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
 from prefect.states import Completed, Crashed, Failed
 from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import load_file
 
 from flows.prune_and_heal import prune_and_heal
 from layerprune.config import PruneAndHealParams
 from tasks import children
 from tasks.artifacts import artifact_key
 from tasks.children import ChildRunFailed, run_child
-from tasks.results import (AtomicLocalFileSystem, block_name, read_run_summary,
-                           result_storage_for)
+from tasks.results import AtomicLocalFileSystem, block_name, read_run_summary, result_storage_for
 
 
 @pytest.fixture(scope="module")

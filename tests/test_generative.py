@@ -17,11 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerprune.models import assets, wheels
-from layerprune.evaluate import benchmarks
-from layerprune.evaluate import run
-from layerprune.evaluate import lm_eval_tasks
 from layerprune.errors import LayerPruneError
+from layerprune.evaluate import benchmarks, lm_eval_tasks, run
+from layerprune.models import assets, wheels
 
 STOPS = ["\n", ".", ","]  # the stock `until` of triviaqa and nq_open
 RIGHT = {"trivia_qa": 3, "nq_open": 2}  # of the first five items, the first k are taught right

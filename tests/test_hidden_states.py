@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerprune.method.batching import MAX_PADDED_RATIO, length_buckets, pad_token_id, resolve_batch_size
 from layerprune.errors import LayerPruneError
+from layerprune.method.batching import (
+    MAX_PADDED_RATIO,
+    length_buckets,
+    pad_token_id,
+    resolve_batch_size,
+)
 from layerprune.method.calibration import tokenize
 from layerprune.method.hidden_states import last_token_states
 from layerprune.models.loading import base_model, load_model

@@ -24,10 +24,19 @@ from e2e_services import start_moto
 
 from layerprune.errors import LayerPruneError
 from layerprune.report.figures import metric_curves
-from layerprune.report.leaderboard.nights import (INDEX, LOSE_FIGURE, LOSS_FIGURE, Leaderboard,
-                                    layers_it_can_lose, model_entry, night_id, night_record,
-                                    nights_hash, records)
 from layerprune.report.leaderboard.figures import can_lose_figure
+from layerprune.report.leaderboard.nights import (
+    INDEX,
+    LOSE_FIGURE,
+    LOSS_FIGURE,
+    Leaderboard,
+    layers_it_can_lose,
+    model_entry,
+    night_id,
+    night_record,
+    nights_hash,
+    records,
+)
 from layerprune.report.leaderboard.page import latest_table, publish_night
 from layerprune.store.remote import storage_options_from_env
 

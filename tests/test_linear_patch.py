@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL_MODEL, TEXTS
 from transformers import AutoModelForCausalLM
 
-from conftest import REAL_MODEL, TEXTS
-from layerprune.method.batching import pad_token_id
-from layerprune.method.calibration import tokenize
-from layerprune.method.data import read_records
 from layerprune.errors import LayerPruneError
 from layerprune.heal.linear_fit import fit_linear_patch, fold_patches
 from layerprune.heal.linear_patch import patch_checkpoint
-from layerprune.models.loading import base_model, decoder_layers, load_model
+from layerprune.method.batching import pad_token_id
+from layerprune.method.calibration import tokenize
+from layerprune.method.data import read_records
 from layerprune.method.prune import remove_layers
 from layerprune.method.surgery import write_pruned
+from layerprune.models.loading import base_model, decoder_layers, load_model
 
 SEQ_LEN = 64
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from layerprune.api import model_spec
-from layerprune.method.calibration import tokenize
 from layerprune.errors import LayerPruneError
+from layerprune.method.calibration import tokenize
 from layerprune.method.hidden_states import last_token_states
 from layerprune.method.loss import next_token_loss
+from layerprune.method.prune import removed_layers
 from layerprune.models.loading import decoder_layers, load_model
 from layerprune.models.placement import dtype_name, parse_size
-from layerprune.method.prune import removed_layers
 from tests.conftest import TEXTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,8 +102,7 @@ def test_lm_eval_tasks_run_on_a_4bit_model(llama_64, real_assets):
     """lm-eval's HFLM (our SharedPrefixHFLM) takes a bitsandbytes model as it is: no .to(),
     no dtype cast of 4-bit weights (either raises), and scores what a plain forward pass of
     the 4-bit model gives (tests/test_benchmarks.py computes BoolQ accuracy by hand)."""
-    from layerprune.evaluate import benchmarks
-    from layerprune.evaluate import run
+    from layerprune.evaluate import benchmarks, run
     from tests.test_benchmarks import boolq_by_hand, boolq_margins, yes_bias_between, yes_biased
 
     quant = load_model(llama_64, quantization="nf4")
@@ -201,3 +200,54 @@ def test_hub_models_are_pinned_to_the_commit_main_resolves_to(tiny_models, tmp_p
     assert before["fingerprint"].startswith("hub-")
     assert (before["architecture"], after["architecture"]) == ("LlamaForCausalLM",
                                                                "Qwen2ForCausalLM")
+
+
+TEACHER_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import huggingface_hub
+    from layerprune import api
+
+    main_file, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+    # The one thing mocked: the hub's answer to "which commit is main now?", read from a file
+    # so that main can move while this process runs.
+    class Info:
+        @property
+        def sha(self):
+            return main_file.read_text().strip()
+    huggingface_hub.HfApi.model_info = lambda self, repo_id, revision=None, **kw: Info()
+
+    spec = api.model_spec("org/tiny", {})
+    api.prune("org/tiny", 1, str(out / "pruned"), strategy="heuristic")
+    main_file.write_text(sys.argv[3])  # upstream pushes a different model to main
+    record = api.heal(str(out / "pruned"), sys.argv[4], str(out / "healed"), method="linear",
+                      linear_samples=4, seq_len=16)
+    print(json.dumps({"spec_revision": spec.revision, "prune": json.loads(
+        (out / "pruned" / "prune.json").read_text()), "heal": record}))
+''')
+
+
+def test_a_hub_teacher_is_loaded_at_the_commit_its_student_was_pruned_from(tiny_models,
+                                                                          texts_jsonl, tmp_path):
+    """The CLI's doors pin a hub model once (config, tokenizer and weights of one commit), and
+    prune.json records that commit, so healing loads the teacher (the source) at it even after
+    main moved on. Catches a teacher loaded at whatever main is at healing time (then the patch
+    would be fitted to another model's activations)."""
+    cache = tmp_path / "hub"
+    old, new = "c" * 40, "d" * 40
+    _cache_snapshot(cache, "org/tiny", old, tiny_models["llama"])
+    _cache_snapshot(cache, "org/tiny", new, tiny_models["qwen2"])
+    main_file = tmp_path / "main"
+    main_file.write_text(old)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO), "LAYERPRUNE_CACHE": str(tmp_path / "lp-cache")}
+    out = subprocess.run([sys.executable, "-c", TEACHER_SCRIPT, str(main_file), str(tmp_path),
+                          new, texts_jsonl], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["spec_revision"] == old
+    assert result["prune"]["source"] == "org/tiny"
+    assert result["prune"]["source_revision"] == old
+    assert result["heal"]["teacher"] == "org/tiny" and result["heal"]["teacher_revision"] == old

@@ -24,19 +24,33 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import s3fs
-from e2e_services import (REPO, ProductionServer, flow_run_pids, free_port, run_cli,
-                          run_deploy_script, start_moto, start_worker)
+from e2e_services import (
+    REPO,
+    ProductionServer,
+    flow_run_pids,
+    free_port,
+    run_cli,
+    run_deploy_script,
+    start_moto,
+    start_worker,
+)
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
-                                            FlowRunFilterId, FlowRunFilterParentFlowRunId,
-                                            LogFilter, LogFilterFlowRunId)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
 
-from layerprune.store.remote import StoreUnavailable, check_reachable
 from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.remote import StoreUnavailable, check_reachable
 from tasks.results import read_run_summary
 
 pytestmark = pytest.mark.e2e

@@ -17,11 +17,20 @@ from prefect.utilities.templating import apply_values
 
 from flows.heal import HEAL_DEPLOYMENT, heal_one
 from layerprune.config import HealSpec, PruneAndHealParams, SweepParams
-from layerprune.store.remote import (S3_CLIENT_CONFIG, StoreUnavailable, check_reachable,
-                               storage_options_from_env)
+from layerprune.store.remote import (
+    S3_CLIENT_CONFIG,
+    StoreUnavailable,
+    check_reachable,
+    storage_options_from_env,
+)
 from tasks.gpus import gpu_job, gpu_lease_s
-from tasks.results import (AtomicLocalFileSystem, block_name, read_run_summary, summary_path,
-                           write_run_summary)
+from tasks.results import (
+    AtomicLocalFileSystem,
+    block_name,
+    read_run_summary,
+    summary_path,
+    write_run_summary,
+)
 from tasks.sweep import model_label
 
 REPO = Path(__file__).resolve().parent.parent

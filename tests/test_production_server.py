@@ -21,9 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from e2e_services import (REPO, Postgres, production_env, run_cli, start_prefect_api,
-                          start_prefect_services, start_redis)
+from e2e_services import (
+    REPO,
+    Postgres,
+    production_env,
+    run_cli,
+    start_prefect_api,
+    start_prefect_services,
+    start_redis,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from layerprune.method import prune
-from layerprune.method import layer_config
 from layerprune.errors import LayerPruneError
+from layerprune.method import layer_config, prune
 from layerprune.models.loading import decoder_layers, load_model
 
 

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import yaml
-
 from e2e_services import production_env
 
 SERVER = Path(__file__).resolve().parent.parent / "deployments" / "server"

@@ -18,8 +18,8 @@ import pytest
 from safetensors.torch import load_file
 
 from layerprune.cli import main
-from layerprune.models.loading import load_model, num_layers
 from layerprune.evaluate.speed import measure
+from layerprune.models.loading import load_model, num_layers
 
 # The decoder layers' tensors in a saved checkpoint: model.layers.<i>. (Llama, Qwen2, Gemma-3)
 # or transformer.h.<i>. (GPT-2).

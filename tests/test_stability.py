@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from layerprune.method import distances
-from layerprune.method import stability
-from layerprune.report.figures import STABILITY_FIGURE, draw_distances
 from layerprune.cli import main
 from layerprune.errors import LayerPruneError
+from layerprune.method import distances, stability
+from layerprune.report.figures import STABILITY_FIGURE, draw_distances
 
 
 def direct_mean(states: torch.Tensor, samples) -> np.ndarray:

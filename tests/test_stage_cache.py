@@ -12,16 +12,15 @@ import shutil
 from pathlib import Path
 
 import httpx
-
 import pytest
 from prefect import flow
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from layerprune.store.leases import new_id
 from layerprune.store.artifacts import ArtifactStore
+from layerprune.store.leases import new_id
 from layerprune.store.manifests import MANIFEST, stage_key
 from tasks.common import run_stage, stage_policy, stage_task
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from tasks.results import AtomicLocalFileSystem, block_name, result_storage_for
 
 BUILDS: list[int] = []  # how many times the stage body really ran

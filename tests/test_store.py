@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_services import start_moto
+
+from layerprune.store.artifacts import ArtifactStore
 from layerprune.store.leases import Lease, leased_dir
 from layerprune.store.maintenance import collect_garbage, parse_age, verify_store
-from layerprune.store.artifacts import ArtifactStore
 from layerprune.store.manifests import MANIFEST, ArtifactDamaged
 
 WRITER = textwrap.dedent("""

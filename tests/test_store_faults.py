@@ -23,10 +23,14 @@ from e2e_services import start_moto
 from fault_proxy import FaultProxy
 
 from layerprune.errors import LayerPruneError
-from layerprune.store.remote import (S3_CLIENT_CONFIG, StoreUnavailable, register_bounded_s3,
-                               storage_options_from_env)
 from layerprune.store.artifacts import ArtifactStore
 from layerprune.store.manifests import stage_key
+from layerprune.store.remote import (
+    S3_CLIENT_CONFIG,
+    StoreUnavailable,
+    register_bounded_s3,
+    storage_options_from_env,
+)
 
 ATTEMPTS = 3  # LAYERPRUNE_S3_MAX_ATTEMPTS below (and the production default)
 CONNECT_S, READ_S = 0.5, 1.0  # connect under Linux's 1 s SYN retransmit: one SYN per attempt

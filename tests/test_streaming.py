@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune import cli
+from layerprune.errors import LayerPruneError
 from layerprune.method.batching import pad_token_id
 from layerprune.method.calibration import sample_texts, tokenize
-from layerprune.errors import LayerPruneError
 from layerprune.method.hidden_states import last_token_states
-from layerprune.models.loading import base_model, decoder_layers, load_model
 from layerprune.method.streaming import last_token_states_streamed
+from layerprune.models.loading import base_model, decoder_layers, load_model
 from tests.conftest import REAL_MODEL, TEXTS
 
 

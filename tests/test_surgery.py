@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from layerprune.method import prune
-from layerprune.method import surgery
-from layerprune.models import checkpoint_files
 from layerprune.errors import LayerPruneError
+from layerprune.method import prune, surgery
+from layerprune.models import checkpoint_files
 from layerprune.models.loading import load_model
 from tests.conftest import REAL_MODEL
 

@@ -12,14 +12,37 @@ Every name is importable from `layerprune.config` itself.
 May import: heal (HealConfig), evaluate (benchmark names), method, models, store, errors.
 """
 
-from layerprune.config.common import (Strategy, HealMethod, DEMO_HEAL_STEPS, DEMO_HEAL_LR, DType,
-                                      Quantization, DeviceMap, BlockSize, Fraction, ItemLimit,
-                                      GpuCount, ModelRef, Size, PlacedDevice,
-                                      default_artifacts_root, check_artifacts_root, ModelSpec,
-                                      TextSpec)
-from layerprune.config.runs import (StageName, PruneAndHealParams, SweepParams)
-from layerprune.config.stages import (CalibrationSpec, LossSpec, PruneSpec, BenchmarkTask,
-                                      BenchmarkSpec, HealSpec, ExtractionSpec, SpeedSpec)
+from layerprune.config.common import (
+                                      DEMO_HEAL_LR,
+                                      DEMO_HEAL_STEPS,
+                                      BlockSize,
+                                      DeviceMap,
+                                      DType,
+                                      Fraction,
+                                      GpuCount,
+                                      HealMethod,
+                                      ItemLimit,
+                                      ModelRef,
+                                      ModelSpec,
+                                      PlacedDevice,
+                                      Quantization,
+                                      Size,
+                                      Strategy,
+                                      TextSpec,
+                                      check_artifacts_root,
+                                      default_artifacts_root,
+)
+from layerprune.config.runs import PruneAndHealParams, StageName, SweepParams
+from layerprune.config.stages import (
+                                      BenchmarkSpec,
+                                      BenchmarkTask,
+                                      CalibrationSpec,
+                                      ExtractionSpec,
+                                      HealSpec,
+                                      LossSpec,
+                                      PruneSpec,
+                                      SpeedSpec,
+)
 
 __all__ = [
     "Strategy", "HealMethod", "DEMO_HEAL_STEPS", "DEMO_HEAL_LR", "DType", "Quantization",

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerprune.errors import LayerPruneError
 from layerprune.heal.config import METHODS
-from layerprune.models.placement import DEVICE_PATTERN, check_placement
 from layerprune.method.prune import STRATEGIES
+from layerprune.models.placement import DEVICE_PATTERN, check_placement
 
 # The library's tuples are the one list of names; Literal[tuple] is Literal[each name].
 Strategy = Literal[STRATEGIES]

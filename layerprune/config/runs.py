@@ -8,10 +8,29 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from layerprune.config.common import BlockSize, DType, Fraction, GpuCount, ModelRef, ModelSpec, Quantization, Strategy, _Spec, check_artifacts_root, default_artifacts_root
-from layerprune.config.stages import CalibrationSpec, LossSpec, PruneSpec, BenchmarkSpec, HealSpec, ExtractionSpec, SpeedSpec
+from layerprune.config.common import (
+    BlockSize,
+    DType,
+    Fraction,
+    GpuCount,
+    ModelRef,
+    ModelSpec,
+    Quantization,
+    Strategy,
+    _Spec,
+    check_artifacts_root,
+    default_artifacts_root,
+)
+from layerprune.config.stages import (
+    BenchmarkSpec,
+    CalibrationSpec,
+    ExtractionSpec,
+    HealSpec,
+    LossSpec,
+    PruneSpec,
+    SpeedSpec,
+)
 from layerprune.models.placement import DEVICE_PATTERN
-
 
 # The stages of tasks/ (their STAGE names), for `refresh`.
 StageName = Literal["calibration", "hidden_states", "distances", "prune", "eval", "heal",

@@ -8,7 +8,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from layerprune.config.common import BlockSize, DEMO_HEAL_LR, DEMO_HEAL_STEPS, HealMethod, ItemLimit, ModelRef, Size, Strategy, TextSpec, _Spec
+from layerprune.config.common import (
+    DEMO_HEAL_LR,
+    DEMO_HEAL_STEPS,
+    BlockSize,
+    HealMethod,
+    ItemLimit,
+    ModelRef,
+    Size,
+    Strategy,
+    TextSpec,
+    _Spec,
+)
 from layerprune.errors import LayerPruneError
 from layerprune.heal.config import HealConfig
 from layerprune.method.prune import STRATEGIES

@@ -40,8 +40,16 @@ import logging
 import math
 from collections import Counter, defaultdict
 
-from layerprune.evaluate.benchmarks import (DEFAULT_LOSS_DATA, EXAMPLES, ONLINE_ENV, STOCK_HFLM_ENV,
-                                            TASKS, check_args, env_flag, generative)
+from layerprune.evaluate.benchmarks import (
+    DEFAULT_LOSS_DATA,
+    EXAMPLES,
+    ONLINE_ENV,
+    STOCK_HFLM_ENV,
+    TASKS,
+    check_args,
+    env_flag,
+    generative,
+)
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | dict[str, int | None] | None = None,
@@ -91,8 +99,8 @@ def _run_harness(model, tokenizer, tasks: list[str], limits: dict[str, int | Non
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from layerprune.models.placement import input_device
     from layerprune.evaluate.scoring import SharedPrefixHFLM
+    from layerprune.models.placement import input_device
 
     if offline:
         from layerprune.evaluate import lm_eval_tasks

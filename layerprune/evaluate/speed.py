@@ -28,10 +28,10 @@ import time
 import torch
 
 from layerprune.errors import LayerPruneError
+from layerprune.method.layer_config import kept_layers
+from layerprune.method.prune import removed_layers
 from layerprune.models.loading import check_fits, context_length, num_layers
 from layerprune.models.placement import input_device
-from layerprune.method.prune import removed_layers
-from layerprune.method.layer_config import kept_layers
 
 SPEED_FILE = "speed.json"
 SIDES = ("base", "variant")

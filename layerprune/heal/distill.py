@@ -166,12 +166,13 @@ class TeacherTopK(torch.utils.data.Dataset):
                 **{f"teacher_{name}": self.file.get_slice(name)[i] for name in TopK._fields}}
 
 
-def load_teacher(ref: str, cfg):
-    """The teacher in the compute dtype, frozen, in eval mode (on the student's device)."""
+def load_teacher(ref: str, cfg, revision: str | None = None):
+    """The teacher in the compute dtype, frozen, in eval mode (on the student's device), at
+    `revision` (heal.validation.teacher_revision: a hub source's pruned commit)."""
     from layerprune.models.loading import load_model
 
     dtype = str(compute_dtype(cfg)).removeprefix("torch.")
-    model = load_model(ref, dtype=dtype, device_map=cfg.device_map).model
+    model = load_model(ref, dtype=dtype, device_map=cfg.device_map, revision=revision).model
     return model.requires_grad_(False).eval()
 
 
@@ -267,7 +268,7 @@ def choose_teacher_logits(mode: str, need: int, free: int) -> str:
 
 
 def train_distilled(student_dir: str, teacher: str, blocks: torch.Tensor, cfg, ckpt_dir: Path,
-                    last: Path | None, progress) -> tuple:
+                    last: Path | None, progress, teacher_revision: str | None = None) -> tuple:
     """Distil `teacher` into LoRA adapters on `student_dir`; returns (peft model, loss curve,
     train seconds, {"teacher_logits": mode, ...}). Resumes from `last` like `lora`; the mode
     chosen by auto and a complete top-k cache in `ckpt_dir` are reused."""
@@ -292,14 +293,14 @@ def train_distilled(student_dir: str, teacher: str, blocks: torch.Tensor, cfg, c
         else:
             if why != "absent":
                 log.warning("heal: teacher top-k cache not used (%s): rebuilt", why)
-            loaded = load_teacher(teacher, cfg)
+            loaded = load_teacher(teacher, cfg, teacher_revision)
             cache = build_cache(loaded, blocks, cfg.top_k, cfg.temperature, cfg.batch_size,
                                 ckpt_dir, identity)
             del loaded  # freed before the student loads: the point of caching
             release_memory()
         dataset = TeacherTopK(blocks, cache)
     else:
-        teacher_model, dataset = load_teacher(teacher, cfg), Blocks(blocks)
+        teacher_model, dataset = load_teacher(teacher, cfg, teacher_revision), Blocks(blocks)
     model = load_for_training(student_dir, cfg)
     curve, seconds = run_trainer(model, cfg, ckpt_dir, dataset, last, progress,
                                  trainer_cls=DistillTrainer, teacher=teacher_model,

@@ -28,14 +28,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from layerprune.method.batching import batches
 from layerprune.errors import LayerPruneError
 from layerprune.heal.training import MLP_KEYS
+from layerprune.method.batching import batches
 from layerprune.method.hidden_states import output_tensor
+from layerprune.method.layer_config import kept_layers, layer_config
+from layerprune.method.prune import removed_layers, runs_of
 from layerprune.models.loading import base_model, decoder_layers
 from layerprune.models.placement import input_device
-from layerprune.method.prune import removed_layers, runs_of
-from layerprune.method.layer_config import kept_layers, layer_config
+
 # The probe compares a layer's output with y + m @ Q; float32 rounding leaves ~1e-6 relative,
 # half precision ~1e-3; a norm after the MLP (Gemma-2/3) gave 0.33 on the tiny Gemma-3.
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}

@@ -14,10 +14,10 @@ import shutil
 import time
 from typing import Callable
 
-from layerprune.method.batching import pad_token_id, resolve_batch_size
-from layerprune.store.files import atomic_output_dir, write_json_atomic
 from layerprune.heal.linear_fit import fit_linear_patch, fold_patches
 from layerprune.heal.validation import PatchRequest, check_patch_request
+from layerprune.method.batching import pad_token_id, resolve_batch_size
+from layerprune.store.files import atomic_output_dir, write_json_atomic
 
 PATCH_FILE = "linear_patch.json"
 
@@ -37,10 +37,10 @@ def patch_checkpoint(model_dir: str, data: str, out_dir: str, samples: int, seq_
     from layerprune.models.loading import load_model, load_tokenizer
 
     batch_size = resolve_batch_size(batch_size)  # a positive int ("auto": the device's best)
-    path, record, ref, texts = request or check_patch_request(model_dir, data, out_dir, samples,
-                                                              seq_len, teacher, text_field)
+    path, record, ref, texts, revision = request or check_patch_request(
+        model_dir, data, out_dir, samples, seq_len, teacher, text_field)
     drop = record["removed_layers"]
-    source = load_model(ref, "float32")
+    source = load_model(ref, "float32", revision=revision)  # a hub source: its pruned commit
     ids = tokenize(texts, source.tokenizer, seq_len)
     start = time.perf_counter()
     patches = fit_linear_patch(source.model, drop, ids, batch_size,

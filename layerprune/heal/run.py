@@ -31,15 +31,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from layerprune.heal import linear_patch
 from layerprune.errors import LayerPruneError
+from layerprune.heal import linear_patch
 from layerprune.heal.checkpoints import prepare_checkpoint_dir
+from layerprune.heal.config import (
+    TEACHER_USED,
+    TRAINED,
+    HealConfig,
+    check_config,
+    check_method,
+    method_config,
+)
 from layerprune.heal.outputs import merge, save_adapter, write_card
 from layerprune.heal.training import Blocks, load_for_training, run_trainer
-from layerprune.models.memory import PeakMemory, release_memory
-from layerprune.heal.config import (TEACHER_USED, TRAINED, HealConfig, check_config, check_method,
-                                    method_config)
 from layerprune.heal.validation import validate
+from layerprune.models.memory import PeakMemory, release_memory
 from layerprune.store.files import read_json, write_json_atomic
 
 
@@ -69,7 +75,9 @@ def heal(model_dir: str, data: str, out_dir: str, config: HealConfig | dict | No
             last = prepare_checkpoint_dir(ckpt_dir, plan.request, resume) \
                 if method in TRAINED else None
             (out / "heal.json").unlink(missing_ok=True)  # no stale "finished" mark meanwhile
-            record = {"method": method, "teacher": plan.teacher, "model_dir": plan.path,
+            record = {"method": method, "teacher": plan.teacher,
+                      **({"teacher_revision": plan.teacher_revision}
+                         if plan.teacher_revision else {}), "model_dir": plan.path,
                       "data": data, "config": cfg.model_dump(), "steps": 0, "tokens_seen": 0,
                       "fit_tokens": 0, "train_seconds": 0.0, "patch_seconds": 0.0,
                       "initial_train_loss": None, "final_train_loss": None,
@@ -149,7 +157,8 @@ def _train(plan, data: str, out: Path, cfg: HealConfig, method: str, ckpt_dir: P
         from layerprune.heal.distill import train_distilled
 
         model, curve, seconds, choice = train_distilled(student, plan.teacher, plan.blocks, cfg,
-                                                        ckpt_dir, last, progress)
+                                                        ckpt_dir, last, progress,
+                                                        plan.teacher_revision)
         record.update(choice)
     save_adapter(model, out / "adapter")
     del model

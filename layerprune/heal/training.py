@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from layerprune.method.data import read_records
 from layerprune.errors import LayerPruneError
 from layerprune.heal.checkpoints import logging_steps, marker_callback
+from layerprune.method.data import read_records
 from layerprune.models.loading import decoder_layers
 
 # Submodule names (first component below a decoder layer) that hold the feed-forward block,

@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
-from layerprune.models.assets import resolve_ref
-from layerprune.method.data import check_source, read_records
 from layerprune.errors import LayerPruneError
 from layerprune.heal.checkpoints import newest_complete
 from layerprune.heal.config import PATCHED, TEACHER_USED, TRAINED
-from layerprune.store.files import check_output_dir
+from layerprune.method.data import check_source, read_records
 from layerprune.method.layer_config import layer_config
-from layerprune.models.loading import (check_architecture, check_context, check_model_ref, decoder_layers,
-                                       check_tokenizer, check_weights, load_tokenizer,
-                                       read_config)
 from layerprune.method.prune import read_prune_record
-
+from layerprune.models.assets import resolve_ref
+from layerprune.models.loading import (
+    check_architecture,
+    check_context,
+    check_model_ref,
+    check_tokenizer,
+    check_weights,
+    decoder_layers,
+    load_tokenizer,
+    read_config,
+)
+from layerprune.store.files import check_output_dir
 
 
 class PatchRequest(NamedTuple):
@@ -32,6 +38,7 @@ class PatchRequest(NamedTuple):
     record: dict
     teacher: str
     texts: list[str]
+    teacher_revision: str | None = None  # the commit a hub teacher loads at (teacher_revision)
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Plan:
     teacher: str | None
     request: dict
     patch: PatchRequest | None = None  # the linear patch's checked request (PATCHED methods)
+    teacher_revision: str | None = None  # the commit a hub teacher loads at
 
 
 def check_pruned_checkpoint(model: str) -> None:
@@ -83,8 +91,16 @@ def resolve_model_dir(model_dir: str) -> str:
     return path
 
 
+def teacher_revision(teacher: str | None, record: dict | None) -> str | None:
+    """The commit the teacher loads at: prune.json's `source_revision` (the commit a hub source
+    was loaded at when it was pruned) when the teacher is that source; None otherwise (a local
+    model, or a teacher named on its own, loaded as named)."""
+    record = record or {}
+    return record.get("source_revision") if teacher in (None, record.get("source")) else None
+
+
 def check_teacher(ref: str, record: dict | None, student_config, seq_len: int,
-                  what: str = "teacher") -> None:
+                  what: str = "teacher", revision: str | None = None) -> None:
     """The one check of a teacher (the unpruned model that distillation matches and whose
     activations the linear patch fits): a model with its weights and tokenizer, of the depth
     prune.json's `num_layers_before` says, with the student's width and vocabulary, and a
@@ -94,13 +110,13 @@ def check_teacher(ref: str, record: dict | None, student_config, seq_len: int,
     except LayerPruneError as e:
         raise LayerPruneError(f"{e} ({what}; --teacher SOURCE names another)") from None
     check_weights(ref)
-    layers = check_architecture(ref)
+    layers = check_architecture(ref, revision=revision)
     before = (record or {}).get("num_layers_before")
     if before is not None and layers != before:
         raise LayerPruneError(f"teacher: {ref!r} has {layers} decoder layers, but prune.json "
                               f"says the pruned model was cut from one of {before} "
                               "(num_layers_before); the teacher must be the unpruned source")
-    theirs, ours = read_config(ref).get_text_config(decoder=True), \
+    theirs, ours = read_config(ref, revision=revision).get_text_config(decoder=True), \
         student_config.get_text_config(decoder=True)
     for field, why in (("vocab_size", "share the student's tokenizer"),
                        ("hidden_size", "be the model the checkpoint was pruned from")):
@@ -108,8 +124,8 @@ def check_teacher(ref: str, record: dict | None, student_config, seq_len: int,
             raise LayerPruneError(f"teacher: {ref!r} has {field}={getattr(theirs, field, None)}, "
                                   f"the pruned model {getattr(ours, field, None)}; the teacher "
                                   f"must {why}")
-    check_context(ref, seq_len, "seq_len")
-    check_tokenizer(ref)
+    check_context(ref, seq_len, "seq_len", revision=revision)
+    check_tokenizer(ref, revision=revision)
 
 
 def resolve_teacher(method: str, teacher: str | None, prune: dict | None, model_config,
@@ -128,7 +144,8 @@ def resolve_teacher(method: str, teacher: str | None, prune: dict | None, model_
                               "give teacher (--teacher), or a model_dir whose prune.json names "
                               "its source")
     check_teacher(ref, prune, model_config, seq_len,
-                  "teacher" if teacher is not None else "the source named in prune.json")
+                  "teacher" if teacher is not None else "the source named in prune.json",
+                  teacher_revision(teacher, prune))
     return ref
 
 
@@ -166,8 +183,10 @@ def check_patch_request(model_dir: str, data: str, out_dir: str | Path, samples:
     if pruned_cfg.num_hidden_layers != before - len(drop):
         raise LayerPruneError(f"model_dir: {model_dir!r} has {pruned_cfg.num_hidden_layers} "
                               f"layers; prune.json says {before} minus {len(drop)} removed")
+    revision = teacher_revision(teacher, record)
     check_teacher(ref, record, pruned, seq_len,
-                  "teacher" if teacher else f"the source named in {model_dir}/prune.json")
+                  "teacher" if teacher else f"the source named in {model_dir}/prune.json",
+                  revision)
     check_weights(str(path))
     with init_empty_weights():  # structure only: an MLP the patch cannot fold into fails here
         shell = AutoModelForCausalLM.from_config(pruned)
@@ -175,7 +194,8 @@ def check_patch_request(model_dir: str, data: str, out_dir: str | Path, samples:
         new = run[0] - 1 - sum(1 for i in drop if i < run[0])
         output_projection(decoder_layers(shell)[new], pruned_cfg.hidden_size,
                           f"layer {run[0] - 1}")
-    return PatchRequest(path, record, ref, sample_texts(data, samples, text_field=text_field))
+    return PatchRequest(path, record, ref, sample_texts(data, samples, text_field=text_field),
+                        revision)
 
 
 
@@ -198,8 +218,9 @@ def validate(model_dir: str, data: str, out_dir: Path, cfg, method: str, teacher
         patch = check_patch_request(path, data, out_dir / "merged" if method == "linear"
                                     else ckpt_dir / "patched", cfg.linear_samples, cfg.seq_len,
                                     teacher, cfg.text_field)
-        teacher = patch.teacher
+        teacher, revision = patch.teacher, patch.teacher_revision
     else:
+        revision = teacher_revision(teacher, read_prune_record(path, "model_dir"))
         teacher = resolve_teacher(method, teacher, read_prune_record(path, "model_dir"),
                                   model_cfg, cfg.seq_len)
     tokenizer = load_tokenizer(path)
@@ -220,4 +241,5 @@ def validate(model_dir: str, data: str, out_dir: Path, cfg, method: str, teacher
         raise LayerPruneError(f"out_dir: {str(out_dir)!r} holds checkpoints of a different heal "
                               "run (model, data, method, teacher or config differ); use "
                               "resume=False or another out_dir")
-    return Plan(path, tokenizer, blocks, targets, teacher, request, patch)
+    return Plan(path, tokenizer, blocks, targets, teacher, request, patch,
+                revision if teacher else None)

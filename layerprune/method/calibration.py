@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from layerprune.method.data import read_records
 from layerprune.errors import LayerPruneError
+from layerprune.method.data import read_records
 
 TOKENS_FILE = "tokens.safetensors"
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from layerprune.method import prune
-from layerprune.method.batching import batches
 from layerprune.errors import LayerPruneError
+from layerprune.method import prune
+from layerprune.method.batching import batches, pad_token_id
 from layerprune.method.hidden_states import layer_input, output_tensor
 from layerprune.method.loss import next_token_loss
 from layerprune.models.loading import base_model, decoder_layers
@@ -128,3 +128,15 @@ def greedy_loss_order(model, tokenizer, ids: list[list[int]], n_max: int, batch_
         order.append(best)
         losses.append(best_loss)
     return {"order": order, "losses": losses, "base_loss": base_loss, "forward_passes": passes}
+
+
+def scores(strategy: str, model, tokenizer, ids: list[list[int]], n: int,
+           batch_size: int) -> dict:
+    """What a data strategy (`DATA_STRATEGIES`) reads from the model, as prune.json records it:
+    block influence per layer, or the greedy removal order with its losses."""
+    if strategy == "block-influence":
+        return {"block_influence": block_influence(model, ids, batch_size,
+                                                   pad_token_id(tokenizer))}
+    found = greedy_loss_order(model, tokenizer, ids, n, batch_size)
+    return {"greedy_order": found["order"], "greedy_losses": found["losses"],
+            "greedy_base_loss": found["base_loss"], "forward_passes": found["forward_passes"]}

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from layerprune.method.batching import at_last_token, batches, pad_token_id
 from layerprune.errors import LayerPruneError
+from layerprune.method.batching import at_last_token, batches, pad_token_id
 from layerprune.models.loading import base_model, decoder_layers
 from layerprune.models.placement import input_device
 

@@ -24,8 +24,13 @@ import reprlib
 from pathlib import Path
 
 from layerprune.errors import LayerPruneError
-from layerprune.method.layer_config import (apply_config_updates, config_updates, config_values,
-                                            kept_layers, layer_config)
+from layerprune.method.layer_config import (
+    apply_config_updates,
+    config_updates,
+    config_values,
+    kept_layers,
+    layer_config,
+)
 from layerprune.models.loading import decoder_layers, layer_list_owner
 
 STRATEGIES = ("similarity", "heuristic", "block-influence", "greedy-loss", "random")
@@ -213,9 +218,11 @@ def model_card(source: str, drop: list[int], num_layers: int, info: dict) -> str
 
 
 def prune_record(source: str, source_fingerprint: str, num_layers: int, drop: list[int],
-                 info: dict | None = None) -> dict:
-    """What `prune.json` says about a pruned checkpoint."""
+                 info: dict | None = None, source_revision: str | None = None) -> dict:
+    """What `prune.json` says about a pruned checkpoint. `source_revision`: the commit a hub
+    source was loaded at, so that its teacher is loaded at that very commit (heal.validation)."""
     return {"source": source, "source_fingerprint": source_fingerprint,
+            **({"source_revision": source_revision} if source_revision else {}),
             "num_layers_before": num_layers, "removed_layers": drop,
             "num_layers_after": num_layers - len(drop), **(info or {})}
 
@@ -263,7 +270,8 @@ def save_pruned(loaded, drop: list[int], out_dir: str | Path, info: dict | None 
     from layerprune.store.files import atomic_output_dir
 
     num_layers = len(decoder_layers(loaded.model))
-    record = prune_record(loaded.ref, loaded.fingerprint, num_layers, drop, info)
+    record = prune_record(loaded.ref, loaded.fingerprint, num_layers, drop, info,
+                          getattr(loaded, "revision", None))
     with atomic_output_dir(out_dir) as tmp, removed_layers(loaded.model, drop):
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

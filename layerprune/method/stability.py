@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerprune.method.distances import DISTANCES_FILE, triangle, weighted_mean_distance
 from layerprune.errors import LayerPruneError
+from layerprune.method.distances import DISTANCES_FILE, triangle, weighted_mean_distance
 from layerprune.store.files import write_json_atomic
 
 STABILITY_FILE = "stability.json"

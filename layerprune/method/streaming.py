@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerprune.errors import LayerPruneError
+from layerprune.method.batching import at_last_token, batches, length_buckets
+from layerprune.method.hidden_states import Progress, check_finite, output_tensor
 from layerprune.models.assets import resolve_ref
 from layerprune.models.gguf import is_gguf
-from layerprune.method.batching import at_last_token, batches, length_buckets
-from layerprune.errors import LayerPruneError
-from layerprune.method.hidden_states import Progress, check_finite, output_tensor
 from layerprune.models.loading import base_model, decoder_layers, layer_list_owner, pinned_revision
 from layerprune.models.placement import parse_size, resolve_device, resolve_dtype
 from layerprune.models.tensor_files import checkpoint_files, skeleton

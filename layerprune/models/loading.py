@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from layerprune.errors import LayerPruneError
 from layerprune.models.assets import check_bundled, resolve_ref
 from layerprune.models.checkpoint_files import TOKENIZER_FILES, check_weight_files, gguf_keys
 from layerprune.models.description import kept_on_disk, remember, source
-from layerprune.errors import LayerPruneError
 from layerprune.models.gguf import is_gguf, mark_dequantized
-from layerprune.store.files import files_hash
 from layerprune.models.placement import placement_kwargs, resolve_device
+from layerprune.store.files import files_hash
 
 # Attribute paths (from the *ForCausalLM object) to the ModuleList of decoder layers.
 # Llama, Mistral, Qwen2/3, Gemma 2/3 (text), Phi-3 keep them at model.layers; GPT-2 at
@@ -35,12 +35,14 @@ _CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and where it came from (`ref`) and what it is (`fingerprint`)."""
+    """A model with its tokenizer, where it came from (`ref`, at `revision`: the commit a hub id
+    was loaded at, None for a local model) and what it is (`fingerprint`)."""
 
     model: nn.Module
     tokenizer: object
     ref: str
     fingerprint: str
+    revision: str | None = None
 
 
 def check_model_ref(ref: str) -> None:
@@ -290,7 +292,7 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto",
     model.eval()
     tokenizer = load_tokenizer(ref, trust_remote_code, revision)
     decoder_layers(model)  # unknown architectures fail here, at load, with a clear message
-    return LoadedModel(model, tokenizer, ref, fingerprint(ref, revision))
+    return LoadedModel(model, tokenizer, ref, fingerprint(ref, revision), revision)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

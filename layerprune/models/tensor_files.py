@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerprune.models.assets import resolve_ref
 from layerprune.errors import LayerPruneError
+from layerprune.models.assets import resolve_ref
 from layerprune.models.loading import decoder_layers, is_gguf, read_config
 
 
@@ -76,7 +76,11 @@ class GGUFFiles:
     def __init__(self, path: Path, skeleton: nn.Module):
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field)
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
 
         reader = GGUFReader(str(path))  # memory-mapped: nothing is read until asked
         arch = read_field(reader, "general.architecture")[0]

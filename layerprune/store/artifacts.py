@@ -45,10 +45,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from layerprune.store.files import cache_dir, file_sha256
-from layerprune.store.manifests import (MANIFEST, ArtifactDamaged, library_versions, local_problems,
-                                        inside, manifest_problems, read_json_or_none,
-                                        size_problem)
 from layerprune.store.leases import leased_dir, new_id, remove_abandoned
+from layerprune.store.manifests import (
+    MANIFEST,
+    ArtifactDamaged,
+    inside,
+    library_versions,
+    local_problems,
+    manifest_problems,
+    read_json_or_none,
+    size_problem,
+)
 from layerprune.store.remote import StoreUnavailable, storage_options_from_env
 
 SCRATCH = ".scratch"

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from layerprune.errors import LayerPruneError
-from layerprune.store.leases import remove_abandoned
 from layerprune.store.artifacts import SCRATCH, ArtifactStore
+from layerprune.store.leases import remove_abandoned
 from layerprune.store.manifests import MANIFEST, ArtifactDamaged
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -35,8 +35,7 @@ from pathlib import Path
 import yaml
 
 from layerprune.models import assets
-from layerprune.store.files import cache_dir
-from layerprune.store.files import atomic_output_dir
+from layerprune.store.files import atomic_output_dir, cache_dir
 
 # Bump when the conversion below changes, so old caches are not reused.
 DATA_VERSION = "v1"

@@ -16,10 +16,17 @@ import html
 
 import pandas as pd
 
-from layerprune.report.leaderboard.nights import (FIGURES, LOSE_FIGURE, LOSS_FIGURE, NIGHT_FILE, NIGHTS_DIR,
-                                    Leaderboard, nights_hash)
-from layerprune.report.markdown import escape_md, escaped_table
 from layerprune.report.leaderboard.figures import metrics_of, trend_figure
+from layerprune.report.leaderboard.nights import (
+    FIGURES,
+    LOSE_FIGURE,
+    LOSS_FIGURE,
+    NIGHT_FILE,
+    NIGHTS_DIR,
+    Leaderboard,
+    nights_hash,
+)
+from layerprune.report.markdown import escape_md, escaped_table
 
 TITLE = "prune-and-heal: the nightly leaderboard"
 NOT_MEASURED = "not measured"
