@@ -40,9 +40,7 @@ from layerprune.store.files import atomic_output_dir, check_output_dir, write_js
 
 def model_spec(model: str, placement: dict):
     """The model and how to hold it (dtype, device, quantization, device_map, max_memory,
-    offload_folder, revision, trust_remote_code: `layerprune.config.ModelSpec`), validated; a
-    hub id pinned to the commit its revision resolves to now, so that every later read (config,
-    tokenizer, weights) is of that one commit."""
+    offload_folder, revision, trust_remote_code: `layerprune.config.ModelSpec`), validated."""
     from pydantic import ValidationError
 
     from layerprune.config import ModelSpec
@@ -54,6 +52,13 @@ def model_spec(model: str, placement: dict):
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "model"
         raise LayerPruneError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    return spec
+
+
+def _pinned(spec):
+    """`spec` with a hub id pinned to the commit its revision resolves to now, so that every
+    later read (config, tokenizer, weights) is of that one commit; after the cheap checks, since
+    resolving may ask the hub."""
     commit = pinned_revision(spec.ref, spec.revision)
     return spec.model_copy(update={"revision": commit}) if commit else spec
 
@@ -71,16 +76,18 @@ def _check_common(model: str, placement: dict, batch_size: int, out: str):
     return spec
 
 
-def _check_model(spec, seq_len: int | None = None) -> None:
+def _check_model(spec, seq_len: int | None = None):
     """What the model's config and files can tell before its weights load: a known
     architecture, weight files that are whole, a tokenizer, and a context that holds `seq_len`
     tokens (records longer than `seq_len` are cut to their first `seq_len` tokens; a `seq_len`
-    past the context is refused)."""
+    past the context is refused). Returns `spec` pinned (`_pinned`)."""
+    spec = _pinned(spec)
     check_architecture(spec.ref, spec.trust_remote_code, spec.revision)
     check_weights(spec.ref)
     check_tokenizer(spec.ref, spec.trust_remote_code, spec.revision)
     if seq_len is not None:
         check_context(spec.ref, seq_len, "seq_len", spec.trust_remote_code, spec.revision)
+    return spec
 
 
 def distances(model: str, data: str, samples: int, seq_len: int, out: str,
@@ -117,9 +124,10 @@ def distances(model: str, data: str, samples: int, seq_len: int, out: str,
         raise LayerPruneError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     texts = calibration.sample_texts(data, samples, seed, text_field)
     check_weights(spec.ref, require=False)  # planning reads the headers of those there are
+    spec = _pinned(spec)
     mode = streaming.extraction_for(spec, len(texts), seq_len, batch_size, extraction,
                                     memory_budget)
-    _check_model(spec, seq_len)
+    spec = _check_model(spec, seq_len)
     loaded = _load(spec) if mode == "in-memory" else None
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(spec.ref, spec.trust_remote_code,
                                                                spec.revision)
@@ -172,7 +180,7 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
     if strategy is not None and strategy not in prune_mod.STRATEGIES:
         raise LayerPruneError(f"strategy must be one of {', '.join(prune_mod.STRATEGIES)}, "
                               f"got {strategy!r}")
-    _check_strategy_inputs(strategy, distances_dir, data, samples, seq_len, seed)
+    criteria.check_strategy_inputs(strategy, distances_dir, data, samples, seq_len, seed)
     if strategy == "random":
         seed = 0 if seed is None else seed
         prune_mod.check_seed(seed)
@@ -215,30 +223,6 @@ def prune(model: str, n: int | None, out: str, start: int | None = None,
                                   load=(lambda: loaded) if loaded else None)
 
 
-def _check_strategy_inputs(strategy: str | None, distances_dir: str | None, data: str | None,
-                           samples: int | None, seq_len: int | None, seed: int | None) -> None:
-    """Each strategy's inputs are there, and none it would ignore (a --data or --seed that
-    changes nothing is a mistake to point out, not to drop silently)."""
-    if strategy == "similarity":  # before the model's config is read: this needs no model
-        if distances_dir is None:
-            raise LayerPruneError("strategy 'similarity' needs --distances DIR")
-        if not (Path(distances_dir) / dist.DISTANCES_FILE).is_file():
-            raise LayerPruneError(f"distances: no {dist.DISTANCES_FILE} in {distances_dir!r}")
-    elif distances_dir is not None:
-        raise LayerPruneError("distances (--distances) is read only by strategy 'similarity'")
-    if strategy in DATA_STRATEGIES:
-        missing = [name for name, value in (("--data FILE", data), ("--samples N", samples),
-                                            ("--seq-len T", seq_len)) if value is None]
-        if missing:
-            raise LayerPruneError(f"strategy {strategy!r} needs calibration text: "
-                                  f"{' '.join(missing)} missing")
-    elif any(v is not None for v in (data, samples, seq_len)):
-        raise LayerPruneError(f"data, samples, seq_len (--data, --samples, --seq-len) are read "
-                              f"only by strategies {', '.join(DATA_STRATEGIES)}")
-    if seed is not None and strategy != "random":
-        raise LayerPruneError("seed (--seed) is read only by strategy 'random'")
-
-
 def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = None,
          batch_size: int = 8, text_field: str = "text", **placement) -> dict:
     """Write `out/loss.json` = {"loss": mean next-token cross-entropy, "tokens": k}."""
@@ -248,7 +232,7 @@ def loss(model: str, data: str, seq_len: int, out: str, samples: int | None = No
     from layerprune.method.data import read_records
 
     texts = read_records(data, limit=samples, text_field=text_field)
-    _check_model(spec, seq_len)
+    spec = _check_model(spec, seq_len)
     loaded = _load(spec)
     ids = calibration.tokenize(texts, loaded.tokenizer, seq_len)
     result = loss_mod.next_token_loss(loaded.model, loaded.tokenizer, ids, batch_size)
@@ -286,7 +270,7 @@ def evaluate(model: str, tasks: list[str], out: str, data: str | None = None,
 
         loss_limit = limit.get("loss") if isinstance(limit, dict) else limit
         read_records(data or benchmarks.DEFAULT_LOSS_DATA, limit=samples or loss_limit)
-    _check_model(spec, seq_len if "loss" in tasks else None)
+    spec = _check_model(spec, seq_len if "loss" in tasks else None)
     loaded = _load(spec)
     metrics = run.evaluate(loaded.model, loaded.tokenizer, tasks, limit=limit, shots=shots,
                                   batch_size=batch_size, loss_data=data, loss_seq_len=seq_len,
@@ -340,7 +324,7 @@ def speed(model: str, drop: list[int], out: str, batch: int = 4, prefill_tokens:
     drop = speed_mod.check_drop(drop, layers)
     speed_mod.check_lengths(prefill_tokens, decode_tokens, context_length(
         read_config(spec.ref, spec.trust_remote_code, spec.revision)))
-    _check_model(spec)
+    spec = _check_model(spec)
     loaded = _load(spec)
     doc = speed_mod.measure(loaded.model, loaded.tokenizer, drop, batch, prefill_tokens,
                             decode_tokens, repeats)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from layerprune.errors import LayerPruneError
 from layerprune.method import prune
 from layerprune.method.batching import batches, pad_token_id
+from layerprune.method.distances import DISTANCES_FILE
 from layerprune.method.hidden_states import layer_input, output_tensor
 from layerprune.method.loss import next_token_loss
 from layerprune.models.loading import base_model, decoder_layers
@@ -140,3 +142,27 @@ def scores(strategy: str, model, tokenizer, ids: list[list[int]], n: int,
     found = greedy_loss_order(model, tokenizer, ids, n, batch_size)
     return {"greedy_order": found["order"], "greedy_losses": found["losses"],
             "greedy_base_loss": found["base_loss"], "forward_passes": found["forward_passes"]}
+
+
+def check_strategy_inputs(strategy: str | None, distances_dir: str | None, data: str | None,
+                          samples: int | None, seq_len: int | None, seed: int | None) -> None:
+    """Each strategy's inputs are there, and none it would ignore (a --data or --seed that
+    changes nothing is a mistake to point out, not to drop silently)."""
+    if strategy == "similarity":  # before the model's config is read: this needs no model
+        if distances_dir is None:
+            raise LayerPruneError("strategy 'similarity' needs --distances DIR")
+        if not (Path(distances_dir) / DISTANCES_FILE).is_file():
+            raise LayerPruneError(f"distances: no {DISTANCES_FILE} in {distances_dir!r}")
+    elif distances_dir is not None:
+        raise LayerPruneError("distances (--distances) is read only by strategy 'similarity'")
+    if strategy in DATA_STRATEGIES:
+        missing = [name for name, value in (("--data FILE", data), ("--samples N", samples),
+                                            ("--seq-len T", seq_len)) if value is None]
+        if missing:
+            raise LayerPruneError(f"strategy {strategy!r} needs calibration text: "
+                                  f"{' '.join(missing)} missing")
+    elif any(v is not None for v in (data, samples, seq_len)):
+        raise LayerPruneError(f"data, samples, seq_len (--data, --samples, --seq-len) are read "
+                              f"only by strategies {', '.join(DATA_STRATEGIES)}")
+    if seed is not None and strategy != "random":
+        raise LayerPruneError("seed (--seed) is read only by strategy 'random'")
