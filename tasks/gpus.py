@@ -42,30 +42,28 @@ GPU_LEASE_S = 120.0  # default lease (module doc); LAYERPRUNE_GPU_LEASE_S overri
 GPU_WAIT_S = 6 * 3600.0
 
 
-def gpu_lease_s() -> float:
-    """Lease duration of the `gpu` slots: $LAYERPRUNE_GPU_LEASE_S, else GPU_LEASE_S."""
-    text = os.environ.get("LAYERPRUNE_GPU_LEASE_S", "")
+def _seconds(name: str, default: float, low: float, high: float, low_why: str = "") -> float:
+    """$`name` as seconds within [low, high], else `default`; one error naming the variable."""
+    text = os.environ.get(name, "")
     try:
-        value = float(text) if text else GPU_LEASE_S
+        value = float(text) if text else default
     except ValueError:
         value = -1.0
-    if not 60 <= value <= 86400:
-        raise ValueError(f"LAYERPRUNE_GPU_LEASE_S must be a number of seconds from 60 (the "
-                         f"Prefect server's minimum lease) to 86400, got {text!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be a number of seconds from {low:g}{low_why} to "
+                         f"{high:g}, got {text!r}")
     return value
+
+
+def gpu_lease_s() -> float:
+    """Lease duration of the `gpu` slots: $LAYERPRUNE_GPU_LEASE_S, else GPU_LEASE_S."""
+    return _seconds("LAYERPRUNE_GPU_LEASE_S", GPU_LEASE_S, 60, 86400,
+                    " (the Prefect server's minimum lease)")
 
 
 def gpu_wait_s() -> float:
     """Seconds a run waits for its `gpu` slots: $LAYERPRUNE_GPU_WAIT_S, else GPU_WAIT_S."""
-    text = os.environ.get("LAYERPRUNE_GPU_WAIT_S", "")
-    try:
-        value = float(text) if text else GPU_WAIT_S
-    except ValueError:
-        value = -1.0
-    if not 1 <= value <= 7 * 86400:
-        raise ValueError(f"LAYERPRUNE_GPU_WAIT_S must be a number of seconds from 1 to 604800, "
-                         f"got {text!r}")
-    return value
+    return _seconds("LAYERPRUNE_GPU_WAIT_S", GPU_WAIT_S, 1, 7 * 86400)
 
 
 class GpuSlotsTimeout(TimeoutError):
